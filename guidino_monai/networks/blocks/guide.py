@@ -1,0 +1,264 @@
+# Copyright (c) guidino-monai contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.utils import StrEnum
+
+from ..backbones import create_guide_backbone
+from .tokenbook import TokenBook
+
+__all__ = ["GuideBranch", "IntensityScaling", "GateMode", "gate_features", "resample_guide"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class IntensityScaling(StrEnum):
+    """How a medical image of any intensity range is mapped to [0, 1] before ImageNet normalisation."""
+
+    PERCENTILE = "percentile"  # clip each sample to its (lo, hi) percentiles, then rescale
+    MINMAX = "minmax"  # each sample's min/max
+    WINDOW = "window"  # a fixed (lo, hi) window in raw units, e.g. a CT window, or (0, 1) for pre-scaled input
+    NONE = "none"  # input is already in [0, 1]
+
+
+class GateMode(StrEnum):
+    """How the guide gates a feature map: ``feature * g`` or ``feature * (1 + g)``."""
+
+    MULTIPLY = "multiply"
+    RESIDUAL = "residual"
+
+
+def resample_guide(guide: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resample a guide ``(B, 1, *grid)`` to ``size`` ((bi/tri)linear; a no-op when the sizes match)."""
+    mode = "bilinear" if guide.ndim == 4 else "trilinear"
+    if torch.jit.is_tracing():  # keep sizes symbolic so a traced network accepts other input sizes
+        return F.interpolate(guide, size=size, mode=mode, align_corners=False)
+    if tuple(guide.shape[2:]) == tuple(size):
+        return guide
+    return F.interpolate(guide, size=tuple(int(s) for s in size), mode=mode, align_corners=False)
+
+
+def gate_features(x: torch.Tensor, guide: torch.Tensor, residual: bool = True) -> torch.Tensor:
+    """Gate ``x (B, C, *spatial)`` by ``guide (B, 1, *grid)`` resampled to ``x``'s grid."""
+    g = resample_guide(guide, x.shape[2:]).to(x.dtype)
+    return x * (1.0 + g) if residual else x * g
+
+
+class GuideBranch(nn.Module):
+    """Frozen (or LoRA-tuned) DINO ViT + :class:`TokenBook`: medical image -> guide mask in ``[0, 1]``.
+
+    2D images ``(B, C, H, W)`` go through the ViT directly. 3D volumes ``(B, C, X, Y, Z)`` are cut into 2D slices
+    along ``slice_axis`` (every ``slice_stride``-th), all slices of the batch run in one ViT call, and the per-slice
+    guides are stacked back. The guide keeps the volume's axis order with the slice axis in place, so for
+    ``slice_axis=2`` it is ``(B, 1, h, w, D')`` (``D' = ceil(Z / slice_stride)``, ``h, w`` the token grid).
+
+    DINO input: intensity scaling (:class:`IntensityScaling`) -> 3 channels (1 channel repeated, 3 kept, otherwise the
+    channel mean) -> resize to ``guide_size`` -> ImageNet normalisation.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the medical image.
+        backbone: timm DINOv2/DINOv3 name, see :data:`guidino_monai.networks.SUPPORTED_GUIDE_BACKBONES`.
+        backbone_kwargs: extra ``timm.create_model`` kwargs (e.g. ``{"depth": 2}`` for tests).
+        pretrained_weights: local weight file/folder, ``None`` = random init (logged as such).
+        lora_rank: LoRA rank for the ViT blocks, ``0`` = frozen ViT.
+        guide_size: 2D size of the DINO input, rounded up to a multiple of the patch size. Defaults to 224 (2D) or
+            112 (3D slices).
+        slice_axis: spatial axis (0, 1 or 2) that 3D volumes are sliced along. Defaults to ``2``.
+        slice_stride: use every n-th slice. Defaults to ``1``.
+        intensity_scaling: see :class:`IntensityScaling`. Defaults to ``"percentile"``.
+        intensity_range: percentiles (``percentile``) or raw window (``window``). Defaults to ``(0.5, 99.5)``.
+        feature_index: which ViT block's tokens to use (negative counts from the end). Defaults to ``-1``.
+        num_prototypes, proj_channels, ema_momentum, sim_dropout, token_sample_rate: see :class:`TokenBook`.
+
+    Raises:
+        ValueError: bad arguments; at call time a wrong number of dims or non-finite values.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 1,
+        backbone: str = "vit_small_patch14_dinov2",
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained_weights: str | os.PathLike | None = None,
+        lora_rank: int = 0,
+        guide_size: int | Sequence[int] | None = None,
+        slice_axis: int = 2,
+        slice_stride: int = 1,
+        intensity_scaling: IntensityScaling | str = IntensityScaling.PERCENTILE,
+        intensity_range: Sequence[float] = (0.5, 99.5),
+        feature_index: int = -1,
+        num_prototypes: int = 8,
+        proj_channels: int = 128,
+        ema_momentum: float | None = None,
+        sim_dropout: float = 0.0,
+        token_sample_rate: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"`spatial_dims` can only be 2 or 3, got {spatial_dims}.")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be a spatial axis 0, 1 or 2, got {slice_axis}.")
+        if slice_stride < 1:
+            raise ValueError(f"slice_stride must be >= 1, got {slice_stride}.")
+        if len(intensity_range) != 2 or intensity_range[0] >= intensity_range[1]:
+            raise ValueError(f"intensity_range must be (low, high) with low < high, got {intensity_range}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.slice_axis = slice_axis
+        self.slice_stride = slice_stride
+        self.intensity_scaling = IntensityScaling(intensity_scaling)
+        self.intensity_range = (float(intensity_range[0]), float(intensity_range[1]))
+        self.lora_rank = lora_rank
+        self.backbone = create_guide_backbone(
+            backbone, pretrained_weights=pretrained_weights, lora_rank=lora_rank, **dict(backbone_kwargs or {})
+        )
+        self.pretrained = bool(pretrained_weights)
+        patch = self.backbone.patch_embed.patch_size
+        self.patch_size = (int(patch[0]), int(patch[1]))
+        if guide_size is None:
+            guide_size = 224 if spatial_dims == 2 else 112
+        gs = (guide_size, guide_size) if isinstance(guide_size, int) else tuple(guide_size)
+        if len(gs) != 2 or min(gs) < 1:
+            raise ValueError(f"guide_size must be an int or a pair, got {guide_size}.")
+        self.guide_size = tuple(int(math.ceil(s / p) * p) for s, p in zip(gs, self.patch_size))
+        n_blocks = len(self.backbone.blocks)
+        if not -n_blocks <= feature_index < n_blocks:
+            raise ValueError(f"feature_index {feature_index} out of range for a {n_blocks}-block ViT.")
+        self.feature_index = feature_index % n_blocks
+        cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.token_book = TokenBook(
+            self.backbone.embed_dim,
+            num_prototypes=num_prototypes,
+            proj_channels=proj_channels,
+            ema_momentum=ema_momentum,
+            sim_dropout=sim_dropout,
+            token_sample_rate=token_sample_rate,
+        )
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """Token grid ``(h, w)`` of one DINO input."""
+        return (self.guide_size[0] // self.patch_size[0], self.guide_size[1] // self.patch_size[1])
+
+    def train(self, mode: bool = True) -> GuideBranch:
+        """Train the TokenBook (and LoRA adapters) but keep the ViT in eval mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` for a wrong number of dims, wrong channels, or NaN/Inf values."""
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected a {self.spatial_dims}D batch (B, C, {'H, W' if self.spatial_dims == 2 else 'X, Y, Z'}),"
+                f" got shape {tuple(x.shape)} ({x.ndim - 2} spatial dims)."
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} input channel(s), got {x.shape[1]} ({tuple(x.shape)}).")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"input image of shape {tuple(x.shape)} contains NaN or Inf values.")
+
+    def to_slices(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, X, Y, Z)`` -> ``(B * D', C, H, W)`` slices along ``slice_axis`` (2D input passes through)."""
+        if self.spatial_dims == 2:
+            return x
+        v = x.movedim(2 + self.slice_axis, 1)  # (B, S, C, H, W)
+        if self.slice_stride > 1:
+            v = v[:, :: self.slice_stride]
+        return v.reshape(-1, *v.shape[2:])
+
+    def from_slices(self, g: torch.Tensor, batch: int) -> torch.Tensor:
+        """``(B * D', 1, h, w)`` -> ``(B, 1, ...)`` with the slice axis back in place (2D passes through)."""
+        if self.spatial_dims == 2:
+            return g
+        g = g.reshape(batch, -1, *g.shape[2:])  # (B, D', h, w)
+        return g.unsqueeze(1).movedim(2, 2 + self.slice_axis)
+
+    def scale_intensity(self, x: torch.Tensor) -> torch.Tensor:
+        """Map each sample of ``(B, C, *spatial)`` to ``[0, 1]`` according to ``intensity_scaling``."""
+        mode = self.intensity_scaling
+        x = x.float()
+        if mode == IntensityScaling.NONE:
+            return x.clamp(0.0, 1.0)
+        if mode == IntensityScaling.WINDOW:
+            lo, hi = self.intensity_range
+            return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+        flat = x.reshape(x.shape[0], -1)
+        if mode == IntensityScaling.MINMAX:
+            lo, hi = flat.amin(1), flat.amax(1)
+        else:
+            step = max(1, flat.shape[1] // 262144)  # percentiles from at most ~256k voxels per sample
+            sample = flat[:, ::step]
+            q = torch.tensor([self.intensity_range[0] / 100.0, self.intensity_range[1] / 100.0], device=x.device)
+            lo, hi = torch.quantile(sample, q, dim=1)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        lo, hi = lo.view(shape), hi.view(shape)
+        return ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0.0, 1.0)
+
+    def to_dino_input(self, slices: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` in [0, 1] -> ``(N, 3, *guide_size)`` ImageNet-normalised."""
+        if slices.shape[1] == 1:
+            slices = slices.expand(-1, 3, -1, -1)
+        elif slices.shape[1] != 3:
+            slices = slices.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+        if tuple(slices.shape[2:]) != self.guide_size:
+            down = slices.shape[2] > self.guide_size[0] or slices.shape[3] > self.guide_size[1]
+            slices = F.interpolate(slices, size=self.guide_size, mode="bilinear", align_corners=False, antialias=down)
+        return (slices - self.pixel_mean) / self.pixel_std
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image batch -> DINO patch tokens ``(B * D', E, h, w)`` (one ViT call for all slices of the batch)."""
+        dino_in = self.to_dino_input(self.to_slices(self.scale_intensity(x)))
+        grad = self.lora_rank > 0 and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            feats = self.backbone.forward_intermediates(
+                dino_in, indices=[self.feature_index], intermediates_only=True, output_fmt="NCHW"
+            )
+        return feats[0]
+
+    def tokens_to_guide(
+        self,
+        tokens: torch.Tensor,
+        batch: int,
+        positive: torch.Tensor | None = None,
+        negative: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token maps ``(B * D', E, h, w)`` -> guide ``(B, 1, ...)`` through the TokenBook."""
+        return self.from_slices(self.token_book(tokens, positive=positive, negative=negative), batch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: ``(B, C, H, W)`` or ``(B, C, X, Y, Z)`` image of any intensity range.
+
+        Returns:
+            guide mask ``(B, 1, h, w)`` or ``(B, 1, ...)`` (slice axis in place) with values in ``[0, 1]``.
+        """
+        if not torch.jit.is_tracing() and not torch.jit.is_scripting():
+            self.check_input(x)
+        return self.tokens_to_guide(self.encode(x), x.shape[0])
