@@ -226,9 +226,9 @@ class GuideBranch(nn.Module):
             slices = slices.expand(-1, 3, -1, -1)
         elif slices.shape[1] != 3:
             slices = slices.mean(1, keepdim=True).expand(-1, 3, -1, -1)
-        if tuple(slices.shape[2:]) != self.guide_size:
-            down = slices.shape[2] > self.guide_size[0] or slices.shape[3] > self.guide_size[1]
-            slices = F.interpolate(slices, size=self.guide_size, mode="bilinear", align_corners=False, antialias=down)
+        if torch.jit.is_tracing() or tuple(slices.shape[2:]) != self.guide_size:
+            # antialias=True filters when downscaling and equals plain bilinear when upscaling
+            slices = F.interpolate(slices, size=self.guide_size, mode="bilinear", align_corners=False, antialias=True)
         return (slices - self.pixel_mean) / self.pixel_std
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
