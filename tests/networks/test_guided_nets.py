@@ -148,6 +148,28 @@ class TestGuidedNets(unittest.TestCase):
         self.assertEqual(guide.shape, (1, 1, 8, 4, 4))  # slice axis 0 in place, every 2nd slice
         self.assertIsInstance(parser.get_parsed_content("unet"), GuidedUNet)
 
+    @parameterized.expand([("segresnet", 3), ("unet", 2), ("unet", 3)])
+    def test_plain_switch_matches_monai(self, kind, spatial_dims):
+        """use_guide=False is exactly the MONAI base network (same weights give the same logits), with no ViT."""
+        from monai.networks.nets import SegResNet, UNet
+
+        torch.manual_seed(0)
+        plain = make_net(kind, spatial_dims, BACKBONES[0], "bottleneck", use_guide=False)
+        self.assertIsNone(plain.guide)
+        if kind == "segresnet":
+            ref = SegResNet(spatial_dims, init_filters=8, in_channels=1, out_channels=3)
+        else:
+            ref = UNet(spatial_dims, 1, 3, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+        ref_state = ref.state_dict()
+        own = plain.state_dict()
+        self.assertEqual(len(own), len(ref_state))
+        plain.load_state_dict(dict(zip(own.keys(), ref_state.values())))
+        x = torch.rand(1, 1, 32, 32, 16) if spatial_dims == 3 else torch.rand(2, 1, 32, 48)
+        with torch.no_grad():
+            torch.testing.assert_close(plain.eval()(x), ref.eval()(x))
+            out = plain.train()(x)
+        self.assertIsInstance(out, torch.Tensor)  # no guide, so plain logits in training too
+
     def test_random_init_warns(self):
         with self.assertWarnsRegex(UserWarning, "no foundation-model prior"):
             GuideBranch(2, 1, backbone_kwargs=SMALL_VIT)

@@ -57,10 +57,11 @@ def check_spatial_shape(x: torch.Tensor, spatial_dims: int, divisor: int, name: 
 class GuideOptions:
     """Shared constructor handling of the guide arguments of the guided networks (a mixin)."""
 
-    guide: GuideBranch
+    guide: GuideBranch | None
 
     def _init_guide(
         self,
+        use_guide: bool,
         spatial_dims: int,
         in_channels: int,
         guide_backbone: str,
@@ -73,6 +74,11 @@ class GuideOptions:
     ) -> None:
         self.gate_at = GateAt(gate_at)
         self.gate_residual = GateMode(gate_mode) == GateMode.RESIDUAL
+        self.use_guide = bool(use_guide)
+        self.return_guide = False
+        if not self.use_guide:  # the plain backbone, same recipe without the guide (for fair comparisons)
+            self.guide = None
+            return
         self.guide = GuideBranch(
             spatial_dims,
             in_channels,
@@ -82,9 +88,10 @@ class GuideOptions:
             lora_rank=lora_rank,
             **dict(guide_kwargs or {}),
         )
-        self.return_guide = False
 
-    def compute_guide(self, x: torch.Tensor, guide: torch.Tensor | None) -> torch.Tensor:
+    def compute_guide(self, x: torch.Tensor, guide: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.use_guide:
+            return None
         if guide is None:
             return self.guide(x)
         if guide.ndim != x.ndim or guide.shape[0] != x.shape[0] or guide.shape[1] != 1:
@@ -113,6 +120,8 @@ class GuidedSegResNet(GuideOptions, SegResNet):
         gate_mode: ``"residual"`` (``f * (1 + g)``) or ``"multiply"`` (``f * g``). Defaults to ``"residual"``.
         guide_kwargs: further :class:`~guidino_monai.networks.GuideBranch` arguments (``guide_size``,
             ``slice_axis``, ``slice_stride``, ``intensity_scaling``, ``num_prototypes``, ...).
+        use_guide: ``False`` builds no guide branch at all: the plain MONAI network, for the same recipe without the
+            guide (it then returns logits only, also in training). Defaults to ``True``.
 
     Raises:
         ValueError: bad arguments; at call time a wrong number of dims, a 1-voxel-thin axis, sizes not divisible by
@@ -148,6 +157,7 @@ class GuidedSegResNet(GuideOptions, SegResNet):
         gate_at: GateAt | str = GateAt.BOTTLENECK,
         gate_mode: GateMode | str = GateMode.RESIDUAL,
         guide_kwargs: dict[str, Any] | None = None,
+        use_guide: bool = True,
     ) -> None:
         SegResNet.__init__(
             self,
@@ -166,7 +176,7 @@ class GuidedSegResNet(GuideOptions, SegResNet):
             upsample_mode=upsample_mode,
         )
         self._init_guide(
-            spatial_dims, in_channels, guide_backbone, guide_backbone_kwargs, pretrained_weights, lora_rank,
+            use_guide, spatial_dims, in_channels, guide_backbone, guide_backbone_kwargs, pretrained_weights, lora_rank,
             gate_at, gate_mode, guide_kwargs,
         )  # fmt: skip
         self.size_divisor = 2 ** (len(self.blocks_down) - 1)
@@ -183,7 +193,8 @@ class GuidedSegResNet(GuideOptions, SegResNet):
         if not torch.jit.is_tracing() and not torch.jit.is_scripting():
             check_spatial_shape(x, self.spatial_dims, self.size_divisor, type(self).__name__)
         g = self.compute_guide(x, guide)
-        h = gate_features(x, g, self.gate_residual) if self.gate_at == GateAt.INPUT else x
+        gate = g is not None
+        h = gate_features(x, g, self.gate_residual) if gate and self.gate_at == GateAt.INPUT else x
         h = self.convInit(h)
         if self.dropout_prob is not None:
             h = self.dropout(h)
@@ -191,15 +202,15 @@ class GuidedSegResNet(GuideOptions, SegResNet):
         for down in self.down_layers:
             h = down(h)
             down_x.append(h)
-        if self.gate_at == GateAt.BOTTLENECK:
+        if gate and self.gate_at == GateAt.BOTTLENECK:
             h = gate_features(h, g, self.gate_residual)
         down_x.reverse()
         for i, (up, upl) in enumerate(zip(self.up_samples, self.up_layers)):
             h = upl(up(h) + down_x[i + 1])
-            if self.gate_at == GateAt.DECODER:
+            if gate and self.gate_at == GateAt.DECODER:
                 h = gate_features(h, g, self.gate_residual)
         if self.use_conv_final:
             h = self.conv_final(h)
-        if self.training or self.return_guide:
+        if gate and (self.training or self.return_guide):
             return h, g
         return h

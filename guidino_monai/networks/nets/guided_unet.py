@@ -71,8 +71,8 @@ class GuidedUNet(GuideOptions, UNet):
 
     Args:
         spatial_dims ... adn_ordering: as :class:`monai.networks.nets.UNet`.
-        guide_backbone, guide_backbone_kwargs, pretrained_weights, lora_rank, gate_at, gate_mode, guide_kwargs: as
-            :class:`~guidino_monai.networks.GuidedSegResNet`.
+        guide_backbone, guide_backbone_kwargs, pretrained_weights, lora_rank, gate_at, gate_mode, guide_kwargs,
+            use_guide: as :class:`~guidino_monai.networks.GuidedSegResNet`.
 
     Raises:
         ValueError: bad arguments; at call time a wrong number of dims, a 1-voxel-thin axis, sizes not divisible by
@@ -108,6 +108,7 @@ class GuidedUNet(GuideOptions, UNet):
         gate_at: GateAt | str = GateAt.BOTTLENECK,
         gate_mode: GateMode | str = GateMode.RESIDUAL,
         guide_kwargs: dict[str, Any] | None = None,
+        use_guide: bool = True,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"`spatial_dims` can only be 2 or 3, got {spatial_dims}.")
@@ -128,7 +129,7 @@ class GuidedUNet(GuideOptions, UNet):
             adn_ordering=adn_ordering,
         )
         self._init_guide(
-            spatial_dims, in_channels, guide_backbone, guide_backbone_kwargs, pretrained_weights, lora_rank,
+            use_guide, spatial_dims, in_channels, guide_backbone, guide_backbone_kwargs, pretrained_weights, lora_rank,
             gate_at, gate_mode, guide_kwargs,
         )  # fmt: skip
         self.spatial_dims = spatial_dims
@@ -138,9 +139,10 @@ class GuidedUNet(GuideOptions, UNet):
         self.size_divisor = divisor
         for m in self.model.modules():
             if isinstance(m, _GuidedBottom):
-                m.gate, m.residual = self.gate_at == GateAt.BOTTLENECK, self.gate_residual
+                m.gate, m.residual = self.use_guide and self.gate_at == GateAt.BOTTLENECK, self.gate_residual
             elif isinstance(m, _GuidedConnection):
-                m.gate, m.residual = self.gate_at == GateAt.DECODER and m is not self.model, self.gate_residual
+                m.gate = self.use_guide and self.gate_at == GateAt.DECODER and m is not self.model
+                m.residual = self.gate_residual
 
     def _get_connection_block(self, down_path: nn.Module, up_path: nn.Module, subblock: nn.Module) -> nn.Module:
         return _GuidedConnection(down_path, subblock, up_path)
@@ -150,6 +152,8 @@ class GuidedUNet(GuideOptions, UNet):
         if not torch.jit.is_tracing() and not torch.jit.is_scripting():
             check_spatial_shape(x, self.spatial_dims, self.size_divisor, type(self).__name__)
         g = self.compute_guide(x, guide)
+        if g is None:
+            return self.model(x, x.new_zeros(()))  # plain UNet: no gate reads the placeholder
         h = gate_features(x, g, self.gate_residual) if self.gate_at == GateAt.INPUT else x
         h = self.model(h, g)
         if self.training or self.return_guide:
