@@ -15,4 +15,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# subpackages are imported so that `$import guidino_monai` in a bundle config reaches every component
+from . import bundle, data, inferers, losses, metrics, networks, transforms  # noqa: E402
+
+__all__ = ["__version__", "bundle", "data", "inferers", "losses", "metrics", "networks", "transforms"]

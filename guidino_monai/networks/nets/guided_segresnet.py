@@ -54,6 +54,19 @@ def check_spatial_shape(x: torch.Tensor, spatial_dims: int, divisor: int, name: 
         )
 
 
+def _as_bool(value: Any, name: str) -> bool:
+    """A strict bool: command-line overrides such as ``--guide false`` arrive as strings, and ``bool("false")``
+    would be ``True``."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("true", "1", "yes", "on"):
+            return True
+        if v in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be a boolean, got {value!r}.")
+    return bool(value)
+
+
 class GuideOptions:
     """Shared constructor handling of the guide arguments of the guided networks (a mixin)."""
 
@@ -74,7 +87,7 @@ class GuideOptions:
     ) -> None:
         self.gate_at = GateAt(gate_at)
         self.gate_residual = GateMode(gate_mode) == GateMode.RESIDUAL
-        self.use_guide = bool(use_guide)
+        self.use_guide = _as_bool(use_guide, "use_guide")
         self.return_guide = False
         if not self.use_guide:  # the plain backbone, same recipe without the guide (for fair comparisons)
             self.guide = None

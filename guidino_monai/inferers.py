@@ -1,0 +1,131 @@
+# Copyright (c) guidino-monai contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""Inferers for guided networks: the guide is computed once per volume, not once per sliding window."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from monai.data import MetaTensor
+from monai.inferers import Inferer, sliding_window_inference
+from monai.utils import BlendMode, PytorchPadMode
+
+from .networks.blocks.guide import resample_guide
+
+__all__ = ["GuidedSlidingWindowInferer", "unwrap_network"]
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(network, "module", None) or getattr(network, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return network
+        network = inner
+
+
+class GuidedSlidingWindowInferer(Inferer):
+    """Sliding-window inference for guided (and plain) networks, with optional mirror test-time augmentation.
+
+    For a guided network the guide mask is computed once on the whole image (one batched ViT call over all its
+    slices, with intensity scaling taken from the whole volume rather than each window), resampled once to the
+    image grid and carried through the windows as an extra input channel, so each window only runs the backbone.
+    A plain network (``use_guide=False`` or any MONAI network) gets ordinary sliding-window inference.
+
+    Args:
+        roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval, sw_device, device, progress: as
+            :class:`monai.inferers.SlidingWindowInferer`. ``mode`` defaults to ``"gaussian"``.
+        mirror_axes: spatial axes (0-based) to mirror for test-time augmentation; the logits of the original and of
+            every combination of mirrored axes are averaged. Defaults to ``()`` (no TTA).
+        return_guide: return ``(logits, guide)`` with the guide at image resolution (``None`` for plain networks).
+        guide_once: compute the guide once per image (default). ``False`` lets the network compute it per window
+            (the reference path, for comparison).
+    """
+
+    def __init__(
+        self,
+        roi_size: Sequence[int] | int,
+        sw_batch_size: int = 1,
+        overlap: float = 0.25,
+        mode: BlendMode | str = BlendMode.GAUSSIAN,
+        sigma_scale: float = 0.125,
+        padding_mode: PytorchPadMode | str = PytorchPadMode.CONSTANT,
+        cval: float = 0.0,
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        mirror_axes: Sequence[int] = (),
+        return_guide: bool = False,
+        guide_once: bool = True,
+    ) -> None:
+        super().__init__()
+        self.roi_size = roi_size
+        self.sw_kwargs = dict(
+            sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, sigma_scale=sigma_scale,
+            padding_mode=padding_mode, cval=cval, sw_device=sw_device, device=device, progress=progress,
+        )  # fmt: skip
+        self.mirror_axes = tuple(int(a) for a in mirror_axes)
+        self.return_guide = return_guide
+        self.guide_once = guide_once
+
+    def _flips(self) -> list[tuple[int, ...]]:
+        combos: list[tuple[int, ...]] = [()]
+        for r in range(1, len(self.mirror_axes) + 1):
+            combos.extend(itertools.combinations(self.mirror_axes, r))
+        return combos
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """
+        Args:
+            inputs: ``(B, C, *spatial)`` image batch (a MetaTensor keeps its metadata on the outputs).
+            network: a guided network in eval mode, or any segmentation network.
+
+        Returns:
+            logits ``(B, N, *spatial)``, or ``(logits, guide)`` when ``return_guide`` is set.
+        """
+        spatial_dims = inputs.ndim - 2
+        if any(a < 0 or a >= spatial_dims for a in self.mirror_axes):
+            raise ValueError(f"mirror_axes {self.mirror_axes} out of range for {spatial_dims} spatial dims.")
+        net = unwrap_network(network)
+        guided = bool(getattr(net, "use_guide", False)) and getattr(net, "guide", None) is not None
+        guide = None
+        if guided and (self.guide_once or self.return_guide):
+            plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # no metadata tracking in the ViT
+            guide = resample_guide(net.guide(plain), inputs.shape[2:])
+            if isinstance(inputs, MetaTensor):  # the guide shares the image's geometry (for Invertd / SaveImaged)
+                guide = MetaTensor(guide)
+                guide.copy_meta_from(inputs)
+        channels = inputs.shape[1]
+        if guided and self.guide_once:
+            data = torch.cat([inputs, guide.to(inputs.dtype)], dim=1)
+
+            def predictor(x: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
+                return network(x[:, :channels], *a, guide=x[:, channels:], **k)
+
+        else:
+            data, predictor = inputs, network  # type: ignore[assignment]
+        total = None
+        flips = self._flips()
+        for axes in flips:
+            dims = [a + 2 for a in axes]
+            x = torch.flip(data, dims) if dims else data
+            out = sliding_window_inference(x, self.roi_size, predictor=predictor, *args, **self.sw_kwargs, **kwargs)
+            out = torch.flip(out, dims) if dims else out
+            total = out if total is None else total + out
+        logits = total / len(flips) if len(flips) > 1 else total
+        if self.return_guide:
+            return logits, guide
+        return logits
