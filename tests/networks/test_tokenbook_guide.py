@@ -1,0 +1,146 @@
+"""TokenBook options (EMA, similarity dropout, token sampling, click prototypes) and GuideBranch input handling."""
+
+from __future__ import annotations
+
+import unittest
+
+import torch
+from parameterized import parameterized
+from testing_utils import SMALL_VIT, quiet_random_init_warning
+
+from guidino_monai.networks import GuideBranch, TokenBook
+
+quiet_random_init_warning()
+
+
+class TestTokenBook(unittest.TestCase):
+    def test_formula(self):
+        """guide = (mean_n cos(proj(t), p_n) + 1) / 2, checked against a direct computation."""
+        torch.manual_seed(0)
+        book = TokenBook(6, num_prototypes=3, proj_channels=4).eval()
+        tokens = torch.randn(2, 6, 3, 5)
+        t = book.proj(tokens.permute(0, 2, 3, 1))  # (B, h, w, P)
+        cos = torch.nn.functional.cosine_similarity(t[..., None, :], book.prototypes[None, None, None], dim=-1)
+        expected = ((cos.mean(-1) + 1) / 2)[:, None]
+        torch.testing.assert_close(book(tokens), expected, rtol=1e-5, atol=1e-6)
+
+    @parameterized.expand([((2, 8, 4, 4),), ((1, 8, 3, 4, 5),), ((3, 8, 7),)])
+    def test_any_grid(self, shape):
+        out = TokenBook(8, 4, 8)(torch.randn(shape))
+        self.assertEqual(out.shape, (shape[0], 1, *shape[2:]))
+        self.assertTrue(bool(((out >= 0) & (out <= 1)).all()))
+
+    def test_ema(self):
+        torch.manual_seed(0)
+        book = TokenBook(8, 4, 8, ema_momentum=0.5)
+        ema0 = book.ema_prototypes.clone()
+        with torch.no_grad():
+            book.prototypes.add_(1.0)
+        book.train()(torch.randn(1, 8, 2, 2))
+        torch.testing.assert_close(book.ema_prototypes, 0.5 * ema0 + 0.5 * book.prototypes.detach())
+        self.assertIn("ema_prototypes", book.state_dict())
+        x = torch.randn(1, 8, 2, 2)
+        book.eval()
+        out_ema = book(x)
+        book.use_ema = False
+        self.assertFalse(torch.allclose(out_ema, book(x)), "eval must use the EMA prototypes")
+        self.assertNotIn("ema_prototypes", TokenBook(8, 4, 8).state_dict())
+
+    def test_similarity_dropout_train_only(self):
+        torch.manual_seed(0)
+        book = TokenBook(8, 16, 8, sim_dropout=0.5)
+        x = torch.randn(2, 8, 4, 4)
+        book.train()
+        a, b = book(x), book(x)
+        self.assertFalse(torch.allclose(a, b), "training outputs must vary with dropped prototypes")
+        book.eval()
+        torch.testing.assert_close(book(x), book(x))
+
+    def test_token_sampling_masks_gradient(self):
+        torch.manual_seed(0)
+        book = TokenBook(8, 4, 8, token_sample_rate=0.25).train()
+        x = torch.randn(1, 8, 16, 16, requires_grad=True)
+        book(x).sum().backward()
+        per_token = x.grad.abs().sum(1).flatten()
+        frac = float((per_token > 0).float().mean())
+        self.assertTrue(0.1 < frac < 0.45, frac)
+
+    def test_click_prototypes(self):
+        """A positive prototype raises the guide at tokens like it; a negative one suppresses them."""
+        torch.manual_seed(0)
+        book = TokenBook(8, 4, 8).eval()
+        x = torch.randn(1, 8, 4, 4)
+        click = x[0, :, 1, 2]
+        base = book(x)
+        pos = book(x, positive=click[None])
+        neg = book(x, negative=click[None])
+        self.assertGreater(float(pos[0, 0, 1, 2]), float(base[0, 0, 1, 2]))
+        self.assertLess(float(neg[0, 0, 1, 2]), float(base[0, 0, 1, 2]))
+        self.assertLess(float(neg[0, 0, 1, 2]), 0.05)
+        with self.assertRaises(ValueError):
+            book(x, positive=torch.randn(2, 5))
+
+    def test_ill_args(self):
+        for kwargs in ({"ema_momentum": 1.0}, {"sim_dropout": 1.0}, {"token_sample_rate": 0.0}, {"num_prototypes": 0}):
+            with self.assertRaises(ValueError):
+                TokenBook(8, **{"num_prototypes": 4, **kwargs})
+        with self.assertRaises(ValueError):
+            TokenBook(8)(torch.randn(1, 7, 2, 2))
+
+
+class TestGuideBranchInput(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.branch = GuideBranch(3, 1, backbone_kwargs=SMALL_VIT, guide_size=28).eval()
+
+    @parameterized.expand([("percentile", (0.5, 99.5)), ("minmax", (0.5, 99.5)), ("window", (-100.0, 300.0))])
+    def test_intensity_scaling_range(self, mode, rng):
+        self.branch.intensity_scaling = type(self.branch.intensity_scaling)(mode)
+        self.branch.intensity_range = rng
+        x = torch.randn(2, 1, 8, 8, 4) * 500 + 100
+        s = self.branch.scale_intensity(x)
+        self.assertGreaterEqual(float(s.min()), 0.0)
+        self.assertLessEqual(float(s.max()), 1.0)
+        if mode == "minmax":
+            self.assertAlmostEqual(float(s[0].min()), 0.0, places=5)
+            self.assertAlmostEqual(float(s[0].max()), 1.0, places=5)
+        # monotone: a brighter voxel never maps darker
+        flat_x, flat_s = x[0].flatten(), s[0].flatten()
+        order = flat_x.argsort()
+        self.assertTrue(bool((flat_s[order].diff() >= -1e-6).all()))
+
+    def test_dino_input_normalised(self):
+        self.branch.intensity_scaling = type(self.branch.intensity_scaling)("minmax")
+        slices = self.branch.to_dino_input(torch.ones(3, 1, 40, 30))
+        self.assertEqual(slices.shape, (3, 3, 28, 28))
+        expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+        torch.testing.assert_close(slices[0, :, 5, 5], expected, rtol=1e-4, atol=1e-4)
+
+    @parameterized.expand([(0, 1), (1, 2), (2, 3)])
+    def test_slice_axis_and_stride(self, axis, stride):
+        branch = GuideBranch(3, 1, backbone_kwargs=SMALL_VIT, guide_size=28, slice_axis=axis, slice_stride=stride)
+        x = torch.rand(2, 1, 9, 10, 11)
+        with torch.no_grad():
+            g = branch.eval()(x)
+        expected = [2, 2]
+        expected.insert(axis, -(-x.shape[2 + axis] // stride))
+        self.assertEqual(tuple(g.shape), (2, 1, *expected))
+        # slice k of the guide comes from slice k * stride of the volume alone
+        k = 1
+        with torch.no_grad():
+            tokens = branch.backbone.forward_intermediates(
+                branch.to_dino_input(branch.to_slices(branch.scale_intensity(x))), indices=1, intermediates_only=True
+            )[0]
+        per_slice = tokens.reshape(2, -1, *tokens.shape[1:])[:, k]
+        ref = branch.token_book(per_slice)
+        torch.testing.assert_close(g.movedim(2 + axis, 2)[:, :, k], ref, rtol=1e-5, atol=1e-6)
+
+    def test_frozen_backbone_no_grad_and_eval(self):
+        branch = GuideBranch(2, 3, backbone_kwargs=SMALL_VIT, guide_size=28).train()
+        self.assertFalse(branch.backbone.training)
+        tokens = branch.encode(torch.rand(1, 3, 30, 30))
+        self.assertFalse(tokens.requires_grad, "a frozen ViT runs without autograd")
+
+
+if __name__ == "__main__":
+    unittest.main()
