@@ -113,6 +113,8 @@ def prepare_datalists(
         )
     items = load_checked_datalist(str(dataset_dir), spec["spatial_dims"], list(spec["labels"]))
     items = sorted(items, key=lambda d: d["image"])
+    for item in items:  # a stable name per case (guide token cache, reports)
+        item.setdefault("case_id", case_id(item))
     if max_cases:
         items = items[: int(max_cases)]
     train, val = split_by_group(items, val_fraction=val_fraction, seed=seed, group_key=spec["group"])

@@ -23,7 +23,16 @@ from .backbones import (
     read_state_dict,
     save_lora_adapters,
 )
-from .blocks import GateMode, GuideBranch, IntensityScaling, TokenBook, gate_features, resample_guide
+from .blocks import (
+    GateMode,
+    GuideBranch,
+    IntensityScaling,
+    TokenBook,
+    coords_to_grid,
+    gate_features,
+    resample_guide,
+    sample_guide,
+)
 from .nets import GateAt, GuidedSegResNet, GuidedUNet, GuidedUnet
 
 __all__ = [
@@ -39,6 +48,7 @@ __all__ = [
     "IntensityScaling",
     "TokenBook",
     "apply_lora",
+    "coords_to_grid",
     "create_guide_backbone",
     "gate_features",
     "load_guide_weights",
@@ -46,5 +56,6 @@ __all__ = [
     "lora_state_dict",
     "read_state_dict",
     "resample_guide",
+    "sample_guide",
     "save_lora_adapters",
 ]

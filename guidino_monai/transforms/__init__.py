@@ -11,6 +11,20 @@
 
 from __future__ import annotations
 
-from .dictionary import SplitGuidedOutputd, SplitGuidedOutputD, SplitGuidedOutputDict
+from .dictionary import (
+    AddCoordinatesd,
+    AddCoordinatesD,
+    AddCoordinatesDict,
+    SplitGuidedOutputd,
+    SplitGuidedOutputD,
+    SplitGuidedOutputDict,
+)
 
-__all__ = ["SplitGuidedOutputD", "SplitGuidedOutputDict", "SplitGuidedOutputd"]
+__all__ = [
+    "AddCoordinatesD",
+    "AddCoordinatesDict",
+    "AddCoordinatesd",
+    "SplitGuidedOutputD",
+    "SplitGuidedOutputDict",
+    "SplitGuidedOutputd",
+]

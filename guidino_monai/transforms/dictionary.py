@@ -15,10 +15,51 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 
+import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-__all__ = ["SplitGuidedOutputd", "SplitGuidedOutputD", "SplitGuidedOutputDict"]
+__all__ = [
+    "AddCoordinatesd",
+    "AddCoordinatesD",
+    "AddCoordinatesDict",
+    "SplitGuidedOutputd",
+    "SplitGuidedOutputD",
+    "SplitGuidedOutputDict",
+]
+
+
+class AddCoordinatesd(MapTransform):
+    """Store the voxel coordinates of ``keys``' image under ``coord_key`` as a ``(dims, *spatial)`` float tensor.
+
+    Put it after the deterministic transforms and list ``coord_key`` with the image in the random spatial transforms
+    (crops, flips, rotations): afterwards every voxel of a training crop knows where it came from in the whole
+    volume, which is what :class:`guidino_monai.engines.CachedGuidePrepareBatch` needs to cut the crop's guide out of
+    a guide computed once for the whole volume.
+
+    Args:
+        keys: the image key (one).
+        coord_key: where to store the coordinates. Defaults to ``"coords"``.
+        allow_missing_keys: don't raise if the key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", coord_key: str = "coords", allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.coord_key = coord_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            spatial = img.shape[1:]
+            axes = [torch.arange(int(n), dtype=torch.float32) for n in spatial]
+            coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))
+            if isinstance(img, MetaTensor):
+                coords = MetaTensor(coords, meta=dict(img.meta))
+            d[self.coord_key] = coords
+            d[f"{self.coord_key}_source_shape"] = torch.tensor([int(n) for n in spatial])
+        return d
 
 
 class SplitGuidedOutputd(MapTransform):
@@ -51,3 +92,4 @@ class SplitGuidedOutputd(MapTransform):
 
 
 SplitGuidedOutputD = SplitGuidedOutputDict = SplitGuidedOutputd
+AddCoordinatesD = AddCoordinatesDict = AddCoordinatesd

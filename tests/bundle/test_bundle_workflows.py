@@ -23,10 +23,10 @@ class TestBundleWorkflows(unittest.TestCase):
     def setUpClass(cls):
         torch.manual_seed(0)
         cls.tmp = tempfile.TemporaryDirectory()
-        cls.bundles = {}
+        cls.bundles, cls.workflows = {}, {}
         for name in (HIPPO, FETAL):
             bundle = copy_bundle(name, Path(cls.tmp.name))
-            run_workflow(bundle, ["train.json"], **FAST[name])
+            cls.workflows[name] = run_workflow(bundle, ["train.json"], **FAST[name])
             cls.bundles[name] = bundle
 
     @classmethod
@@ -44,6 +44,10 @@ class TestBundleWorkflows(unittest.TestCase):
         state = torch.load(bundle / "models" / "model.pt", weights_only=True)
         self.assertTrue(any(k.startswith("guide.token_book.") for k in state))
         self.assertTrue((bundle / "demo_data" / "dataset.json").is_file())
+        # the frozen ViT ran once per training volume: its tokens are cached by the trainer's prepare_batch
+        prep = self.workflows[name].parser.get_parsed_content("train#prepare_batch")
+        n_train = len(self.workflows[name].parser.get_parsed_content("train_datalist"))
+        self.assertEqual(len(prep.tokens), n_train)
 
     @parameterized.expand([(HIPPO,), (FETAL,)])
     def test_resume_from_last_checkpoint(self, name):

@@ -24,7 +24,7 @@ from monai.utils import StrEnum
 from ..backbones import create_guide_backbone
 from .tokenbook import TokenBook
 
-__all__ = ["GuideBranch", "IntensityScaling", "GateMode", "gate_features", "resample_guide"]
+__all__ = ["GuideBranch", "IntensityScaling", "GateMode", "coords_to_grid", "gate_features", "resample_guide", "sample_guide"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,6 +54,21 @@ def resample_guide(guide: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(guide.shape[2:]) == tuple(size):
         return guide
     return F.interpolate(guide, size=tuple(int(s) for s in size), mode=mode, align_corners=False)
+
+
+def coords_to_grid(coords: torch.Tensor, source_shape: Sequence[int]) -> torch.Tensor:
+    """Voxel coordinates ``(B, dims, *spatial)`` in a volume of ``source_shape`` -> a ``grid_sample`` grid
+    ``(B, *spatial, dims)`` (last axis in x, y[, z] order, ``align_corners=False`` convention)."""
+    dims = coords.shape[1]
+    size = torch.as_tensor(list(source_shape), dtype=coords.dtype, device=coords.device).view(1, dims, *([1] * dims))
+    norm = (2.0 * coords + 1.0) / size - 1.0
+    return norm.flip(1).movedim(1, -1)
+
+
+def sample_guide(guide: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Sample a guide ``(B, 1, *grid)`` that covers a whole volume at the points of ``grid`` (see
+    :func:`coords_to_grid`). Equal to :func:`resample_guide` to the volume's size followed by the crop."""
+    return F.grid_sample(guide, grid.to(guide.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def gate_features(x: torch.Tensor, guide: torch.Tensor, residual: bool = True) -> torch.Tensor:
@@ -250,6 +265,25 @@ class GuideBranch(nn.Module):
     ) -> torch.Tensor:
         """Token maps ``(B * D', E, h, w)`` -> guide ``(B, 1, ...)`` through the TokenBook."""
         return self.from_slices(self.token_book(tokens, positive=positive, negative=negative), batch)
+
+    def guide_from_tokens(self, tokens: Sequence[torch.Tensor], grid: torch.Tensor) -> torch.Tensor:
+        """Guides of crops from token maps cached for whole volumes (the frozen-ViT training shortcut).
+
+        Args:
+            tokens: per sample, the ViT tokens of its whole volume, ``(D', E, h, w)`` (``(1, E, h, w)`` in 2D), as
+                :meth:`encode` returns them for that volume alone.
+            grid: ``(B, *crop, dims)`` sampling grid of the crop's voxels in their volume (:func:`coords_to_grid`).
+
+        Returns:
+            guide ``(B, 1, *crop)``: the whole-volume guide at the crop's voxels (gradients reach the TokenBook).
+        """
+        if len(tokens) != grid.shape[0]:
+            raise ValueError(f"got {len(tokens)} token maps for a batch of {grid.shape[0]}.")
+        out = []
+        for i, t in enumerate(tokens):
+            g = self.tokens_to_guide(t.to(self.pixel_mean.dtype), batch=1)
+            out.append(sample_guide(g, grid[i : i + 1]))
+        return torch.cat(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """

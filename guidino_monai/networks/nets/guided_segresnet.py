@@ -102,9 +102,19 @@ class GuideOptions:
             **dict(guide_kwargs or {}),
         )
 
-    def compute_guide(self, x: torch.Tensor, guide: torch.Tensor | None) -> torch.Tensor | None:
+    def compute_guide(
+        self,
+        x: torch.Tensor,
+        guide: torch.Tensor | None,
+        tokens: list[torch.Tensor] | None = None,
+        grid: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         if not self.use_guide:
             return None
+        if tokens is not None:
+            if grid is None or tuple(grid.shape[1:-1]) != tuple(x.shape[2:]):
+                raise ValueError("cached guide tokens need a sampling grid (B, *spatial, dims) matching the input.")
+            return self.guide.guide_from_tokens(tokens, grid)
         if guide is None:
             return self.guide(x)
         if guide.ndim != x.ndim or guide.shape[0] != x.shape[0] or guide.shape[1] != 1:
@@ -194,18 +204,26 @@ class GuidedSegResNet(GuideOptions, SegResNet):
         )  # fmt: skip
         self.size_divisor = 2 ** (len(self.blocks_down) - 1)
 
-    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> Any:
+    def forward(
+        self,
+        x: torch.Tensor,
+        guide: torch.Tensor | None = None,
+        tokens: list[torch.Tensor] | None = None,
+        grid: torch.Tensor | None = None,
+    ) -> Any:
         """
         Args:
             x: ``(B, C, H, W[, D])`` image.
             guide: optional precomputed guide ``(B, 1, ...)`` (e.g. computed once per volume); skips the ViT.
+            tokens, grid: optional ViT tokens cached for each sample's whole volume and the crop's sampling grid
+                (see :class:`guidino_monai.engines.CachedGuidePrepareBatch`); skips the ViT, keeps the TokenBook.
 
         Returns:
             logits ``(B, out_channels, *spatial)`` in eval mode, ``(logits, guide)`` in training mode.
         """
         if not torch.jit.is_tracing() and not torch.jit.is_scripting():
             check_spatial_shape(x, self.spatial_dims, self.size_divisor, type(self).__name__)
-        g = self.compute_guide(x, guide)
+        g = self.compute_guide(x, guide, tokens, grid)
         gate = g is not None
         h = gate_features(x, g, self.gate_residual) if gate and self.gate_at == GateAt.INPUT else x
         h = self.convInit(h)

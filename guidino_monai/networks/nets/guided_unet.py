@@ -147,11 +147,17 @@ class GuidedUNet(GuideOptions, UNet):
     def _get_connection_block(self, down_path: nn.Module, up_path: nn.Module, subblock: nn.Module) -> nn.Module:
         return _GuidedConnection(down_path, subblock, up_path)
 
-    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> Any:
+    def forward(
+        self,
+        x: torch.Tensor,
+        guide: torch.Tensor | None = None,
+        tokens: list[torch.Tensor] | None = None,
+        grid: torch.Tensor | None = None,
+    ) -> Any:
         """See :meth:`GuidedSegResNet.forward`."""
         if not torch.jit.is_tracing() and not torch.jit.is_scripting():
             check_spatial_shape(x, self.spatial_dims, self.size_divisor, type(self).__name__)
-        g = self.compute_guide(x, guide)
+        g = self.compute_guide(x, guide, tokens, grid)
         if g is None:
             return self.model(x, x.new_zeros(()))  # plain UNet: no gate reads the placeholder
         h = gate_features(x, g, self.gate_residual) if self.gate_at == GateAt.INPUT else x

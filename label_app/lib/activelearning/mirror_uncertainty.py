@@ -1,0 +1,92 @@
+# Copyright (c) guidino-monai contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Active learning by mirrored-prediction disagreement: label next the image the model is least consistent on."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from ..scoring.dice import label_dice
+
+__all__ = ["MirrorUncertainty", "mirror_disagreement"]
+
+logger = logging.getLogger(__name__)
+
+
+def mirror_disagreement(predictions: list[np.ndarray]) -> float:
+    """``1 - mean Dice`` between the first (unmirrored) label map and each mirrored one, in ``[0, 1]``."""
+    if len(predictions) < 2:
+        raise ValueError("need the plain prediction and at least one mirrored prediction.")
+    ref = predictions[0]
+    return float(1.0 - np.mean([label_dice(ref, p) for p in predictions[1:]]))
+
+
+class MirrorUncertainty(Strategy):
+    """Pick the unlabelled image whose predictions disagree most when the input is mirrored.
+
+    A segmentation that changes when the image is flipped left-right (or along any spatial axis) is one the model is
+    unsure of. For each candidate the model runs once plain and once per mirrored axis; the score is
+    :func:`mirror_disagreement`. Scores are cached in the image info with the weights' mtime, so an image is scored
+    again only after training swapped in new weights. At most ``max_candidates`` unscored images are scored per
+    request (random ones), which keeps the request short on large studies.
+
+    Args:
+        infer_task: the model's inference task.
+        axes: spatial axes to mirror. Defaults to all axes of the model.
+        max_candidates: the most unscored images to score per request. Defaults to ``8``.
+    """
+
+    def __init__(self, infer_task: Any, axes: list[int] | None = None, max_candidates: int = 8) -> None:
+        super().__init__("Uncertainty: disagreement of mirrored predictions")
+        self.task = infer_task
+        self.axes = list(axes) if axes is not None else list(range(int(infer_task.dimension)))
+        self.max_candidates = max_candidates
+
+    def predictions(self, image_uri: str) -> list[np.ndarray]:
+        out = []
+        for flip in [[]] + [[a] for a in self.axes]:
+            _, data = self.task({"image": image_uri, "skip_writer": True, "flip_axes": flip})
+            pred = data["pred"]
+            out.append(np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred))
+        return out
+
+    def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any] | None:
+        images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
+        if not images:
+            return None
+        path = self.task.get_path()
+        model_ts = os.stat(path).st_mtime if path and os.path.exists(path) else 0
+        scores: dict[str, float] = {}
+        unscored = []
+        for image in images:
+            cached = datastore.get_image_info(image).get("strategy", {}).get("mirror_uncertainty", {})
+            if cached.get("model_ts") == model_ts and "score" in cached:
+                scores[image] = float(cached["score"])
+            else:
+                unscored.append(image)
+        budget = int(request.get("max_candidates", self.max_candidates))
+        for image in random.sample(unscored, min(budget, len(unscored))):
+            score = mirror_disagreement(self.predictions(datastore.get_image_uri(image)))
+            scores[image] = score
+            info = datastore.get_image_info(image).get("strategy", {})
+            info["mirror_uncertainty"] = {"score": score, "model_ts": model_ts, "ts": int(time.time())}
+            datastore.update_image_info(image, {"strategy": info})
+        best = max(scores, key=lambda k: scores[k])
+        logger.info("mirror uncertainty: picked %s (%.4f) from %d scored images", best, scores[best], len(scores))
+        return {"id": best, "score": scores[best]}

@@ -1,0 +1,201 @@
+# Copyright (c) guidino-monai contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""A local-folder datastore that checks what it is given and never leaves a torn file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import shutil
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from fastapi import HTTPException
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+__all__ = ["GuidedLocalDatastore", "check_id", "check_nifti"]
+
+logger = logging.getLogger(__name__)
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")
+
+
+def check_id(value: str, what: str = "image id") -> str:
+    """Refuse ids that could leave the datastore folder (``../``, ``/``, ``\\``, empty, leading dot)."""
+    if not isinstance(value, str) or not _SAFE_ID.match(value) or ".." in value:
+        raise HTTPException(status_code=400, detail=f"invalid {what} {value!r}: use letters, digits, '_', '-', '.'"
+                            " only, no path separators or '..'")  # fmt: skip
+    return value
+
+
+def check_nifti(path: str, what: str, shape: tuple[int, ...] | None = None, integer: bool = False) -> tuple:
+    """Open a NIfTI fully (header and voxels) and check it; a 400 ``HTTPException`` names what is wrong.
+
+    Returns the spatial shape.
+    """
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # any reader error is the client's file, not the server
+        raise HTTPException(status_code=400, detail=f"{what} is not a readable NIfTI file: {type(e).__name__}: {e}")
+    if data.ndim < 2 or data.size == 0:
+        raise HTTPException(status_code=400, detail=f"{what} has shape {data.shape}: not an image")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise HTTPException(status_code=400, detail=f"{what} contains NaN or Inf values")
+    spatial = tuple(int(s) for s in data.shape[:3]) if data.ndim >= 3 else tuple(int(s) for s in data.shape)
+    if integer and np.issubdtype(data.dtype, np.floating) and not np.all(np.equal(np.round(data), data)):
+        raise HTTPException(status_code=400, detail=f"{what} has non-integer values: a label map must hold class ids")
+    if shape is not None:
+        squeezed = tuple(s for s in data.shape if s != 1)
+        if spatial != tuple(shape) and squeezed != tuple(s for s in shape if s != 1):
+            raise HTTPException(status_code=400, detail=f"{what} has shape {data.shape}, the image has {tuple(shape)}")
+    return spatial
+
+
+def _atomic_copy(src: str, dest: str) -> None:
+    folder = os.path.dirname(dest)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".partial", dir=folder)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class GuidedLocalDatastore(LocalDatastore):
+    """MONAI Label's :class:`LocalDatastore` with checked ids and uploads and atomic writes.
+
+    - image ids and label tags are plain names (no ``../``): anything else is a 400;
+    - uploaded images and labels are opened completely before they are stored: an unreadable file, NaN/Inf, a
+      non-integer label or a label whose shape differs from its image is a 400 naming the problem;
+    - files and ``datastore_v2.json`` are written to a temporary file and renamed, under the datastore's file lock, so
+      two submissions for the same image leave one complete file (the later one), never a mix.
+    """
+
+    def get_image_uri(self, image_id: str) -> str:
+        check_id(image_id)
+        return super().get_image_uri(image_id)
+
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        check_id(image_id)
+        return super().get_image_info(image_id)
+
+    def get_label_uri(self, label_id: str, label_tag: str) -> str:
+        check_id(label_id, "label id")
+        check_id(label_tag, "label tag")
+        return super().get_label_uri(label_id, label_tag)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        id_from_file, image_ext = self._to_id(os.path.basename(image_filename))
+        image_id = check_id(image_id or id_from_file)
+        if image_ext not in (".nii", ".nii.gz"):
+            raise HTTPException(status_code=400, detail=f"image must be a .nii or .nii.gz file, got {image_ext!r}")
+        check_nifti(image_filename, f"image {image_id!r}")
+        name = self._filename(image_id, image_ext)
+        dest = os.path.realpath(os.path.join(self._datastore.image_path(), name))
+        with FileLock(self._lock_file):
+            _atomic_copy(image_filename, dest)
+            info = dict(image_info or {})
+            info.update(ts=int(time.time()), name=name)
+            from monailabel.datastore.local import ImageLabelModel
+
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=image_ext))
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        check_id(image_id)
+        check_id(label_tag, "label tag")
+        self._init_from_datastore_file()
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise HTTPException(status_code=404, detail=f"image {image_id!r} not found in the datastore")
+        _, label_ext = self._to_id(os.path.basename(label_filename))
+        if label_ext not in (".nii", ".nii.gz"):
+            raise HTTPException(status_code=400, detail=f"label must be a .nii or .nii.gz file, got {label_ext!r}")
+        image_shape = check_nifti(self.get_image_uri(image_id), f"image {image_id!r}")
+        check_nifti(label_filename, f"label for {image_id!r}", shape=image_shape, integer=label_tag != "guide")
+        name = self._filename(image_id, label_ext)
+        dest = os.path.join(self._datastore.label_path(label_tag), name)
+        with FileLock(self._lock_file):
+            self._reload_unlocked()  # another process (training, scoring) may have written it
+            obj = self._datastore.objects.get(image_id) or obj
+            _atomic_copy(label_filename, dest)
+            info = dict(label_info or {})
+            info.update(ts=int(time.time()), name=name)
+            obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
+            self._datastore.objects[image_id] = obj
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        check_id(label_id, "label id")
+        check_id(label_tag, "label tag")
+        super().remove_label(label_id, label_tag)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        check_id(image_id)
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+            obj = self._datastore.objects.get(image_id)
+            if not obj:
+                raise HTTPException(status_code=404, detail=f"image {image_id!r} not found in the datastore")
+            obj.image.info.update(info)
+            self._update_datastore_file(lock=False)
+
+    def _reload_unlocked(self) -> None:
+        """Re-read ``datastore_v2.json`` if it changed on disk; the caller holds the file lock."""
+        from monailabel.datastore.local import LocalDatastoreModel
+
+        if os.path.exists(self._datastore_config_path):
+            ts = os.stat(self._datastore_config_path).st_mtime
+            if ts != self._config_ts:
+                with open(self._datastore_config_path) as fp:
+                    self._datastore = LocalDatastoreModel.model_validate_json(fp.read())
+                self._datastore.base_path = self._datastore_path
+                self._config_ts = ts
+
+    def _update_datastore_file(self, lock: bool = True) -> None:
+        def write() -> None:
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            folder = os.path.dirname(self._datastore_config_path)
+            fd, tmp = tempfile.mkstemp(prefix=".datastore.", suffix=".partial", dir=folder)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, self._datastore_config_path)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        if lock:
+            with FileLock(self._lock_file):
+                write()
+        else:
+            write()
+
+    def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
+        self._init_from_datastore_file()
+        return super().datalist(full_path)
+
+    def final_labels(self) -> list[str]:
+        """Ids of the images with a ``final`` label."""
+        self._init_from_datastore_file()
+        return sorted(self._datastore.filter_by_tag(DefaultLabelTag.FINAL.value))

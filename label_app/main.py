@@ -1,0 +1,177 @@
+# Copyright (c) guidino-monai contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""GuiDINO MONAI Label app: serves the repository's bundles to 3D Slicer (see label_app/README.md).
+
+    monailabel start_server --app label_app --studies <folder or DICOMweb URL> --conf models all
+
+``--conf`` keys (all optional):
+
+- ``models``: ``all`` or a comma list of bundle names under ``bundles/`` and/or ``guidino_interactive``;
+- ``model_dir``: where the app keeps its copies of the bundles and their served weights (``<app>/model``);
+- ``bundle_overrides``: JSON of bundle config ids -> values for both ``inference.json`` and ``train.json``
+  (e.g. ``{"guide_backbone_kwargs": {"depth": 2}}``); ``train_overrides``: JSON for ``train.json`` only;
+- ``init_weights``: ``bundle`` (copy a bundle's trained ``models/model.pt`` if it has one) or ``random``;
+- ``interactive_bundle``: the bundle behind ``guidino_interactive`` (the hippocampus bundle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.activelearning.random import Random
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so `lib` resolves in MONAI Label's subprocesses too
+
+from lib.activelearning import MirrorUncertainty  # noqa: E402
+from lib.bundles import available_bundles, prepare_bundle  # noqa: E402
+from lib.datastore import GuidedLocalDatastore, check_id, check_nifti  # noqa: E402
+from lib.infers import GuidedBundleInferTask, GuidedInteractiveInferTask  # noqa: E402
+from lib.scoring import GuidedDice  # noqa: E402
+from lib.trainers import GuidedBundleTrainTask  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+INTERACTIVE = "guidino_interactive"
+DEFAULT_INTERACTIVE_BUNDLE = "guidino_hippocampus_mri_segmentation"
+
+
+class GuiDINOApp(MONAILabelApp):
+    """MONAI Label app for the GuiDINO bundles: auto-segmentation (+ guide mask), click refinement, training on
+    submitted labels, random and mirror-uncertainty active learning, Dice scoring."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        conf = dict(conf or {})
+        self.model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
+        overrides = json.loads(conf.get("bundle_overrides", "{}") or "{}")
+        bundles = available_bundles()
+        requested = [m.strip() for m in conf.get("models", "all").split(",") if m.strip()]
+        if "all" in requested:
+            requested = bundles + [INTERACTIVE]
+        unknown = [m for m in requested if m not in bundles and m != INTERACTIVE]
+        if unknown:
+            raise ValueError(f"unknown models {unknown}; available: {bundles + [INTERACTIVE]}")
+        self.interactive_bundle = conf.get("interactive_bundle", DEFAULT_INTERACTIVE_BUNDLE)
+        wanted = [m for m in requested if m != INTERACTIVE]
+        if INTERACTIVE in requested and self.interactive_bundle not in wanted:
+            wanted.append(self.interactive_bundle)
+        self.bundle_paths = {
+            name: prepare_bundle(name, self.model_dir, overrides, conf.get("init_weights", "bundle")) for name in wanted
+        }
+        self.requested = requested
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="GuiDINO",
+            description="GuiDINO-guided segmentation (DINO guide mask gating a MONAI SegResNet/UNet)",
+            version="0.1.0",
+        )
+
+    # -- tasks --------------------------------------------------------------------------------------------------
+    def init_infers(self) -> dict[str, Any]:
+        infers: dict[str, Any] = {}
+        for name, path in self.bundle_paths.items():
+            if name in self.requested:
+                infers[name] = GuidedBundleInferTask(path, self.conf)
+        if INTERACTIVE in self.requested:
+            infers[INTERACTIVE] = GuidedInteractiveInferTask(self.bundle_paths[self.interactive_bundle], self.conf)
+        for name, task in infers.items():
+            if not task.is_valid():
+                raise RuntimeError(f"model {name} could not be loaded from {self.model_dir}")
+        return infers
+
+    def init_trainers(self) -> dict[str, Any]:
+        return {
+            name: GuidedBundleTrainTask(path, self.conf)
+            for name, path in self.bundle_paths.items()
+            if name in self.requested
+        }
+
+    def init_strategies(self) -> dict[str, Any]:
+        strategies: dict[str, Any] = {"random": Random()}
+        first = next((n for n in self.bundle_paths if n in self.requested), None)
+        if first:
+            strategies["mirror_uncertainty"] = MirrorUncertainty(self._infers[first])
+        return strategies
+
+    def init_scoring_methods(self) -> dict[str, Any]:
+        return {"dice": GuidedDice(self._infers)}
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            self.studies = self.studies.rstrip("/").strip()
+            return self.init_remote_datastore()
+        return GuidedLocalDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _download_dcmqi_tools(self) -> None:
+        """No download at run time: DICOM SEG is written with pydicom-seg (``use_itk=False``) instead of dcmqi."""
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    def _check_image_request(self, request: dict[str, Any]) -> None:
+        image = request.get("image")
+        if not isinstance(image, str):
+            return
+        allowed_roots = [os.path.realpath(tempfile.gettempdir())]
+        if settings.MONAI_LABEL_SESSION_PATH:
+            allowed_roots.append(os.path.realpath(settings.MONAI_LABEL_SESSION_PATH))
+        real = os.path.realpath(image)
+        if os.path.isabs(image) and os.path.exists(image):  # an upload (the endpoint stored it in the temp folder)
+            if not any(real.startswith(root + os.sep) for root in allowed_roots):
+                raise HTTPException(status_code=400, detail="image must be a datastore id or an uploaded file")
+            if os.path.isfile(real) and real.endswith((".nii", ".nii.gz")):
+                check_nifti(real, "uploaded image")
+            return
+        if self.studies.startswith(("http://", "https://")):
+            if "/" in image or "\\" in image or ".." in image:
+                raise HTTPException(status_code=400, detail=f"invalid image id {image!r}")
+            return
+        check_id(image)
+        if not self.datastore().get_image_uri(image):
+            raise HTTPException(status_code=404, detail=f"image {image!r} not found in the datastore")
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        self._check_image_request(request)
+        result = super().infer(request, datastore)
+        params = result.get("params") or {}
+        guide_file = params.pop("guide_file", None)
+        if guide_file and os.path.exists(guide_file):
+            image_id = request.get("image")
+            stored = isinstance(image_id, str) and not os.path.isabs(image_id)
+            if stored:
+                label_id = (datastore or self.datastore()).save_label(
+                    image_id, guide_file, "guide", {"model": request.get("model")}
+                )
+                params["guide"] = {"label": label_id, "tag": "guide"}
+            if request.get("result") == "guide":
+                if result.get("file") and os.path.exists(result["file"]):
+                    os.unlink(result["file"])
+                result["file"] = guide_file
+                result["label"] = guide_file
+            else:
+                os.unlink(guide_file)
+        return result
+
+    def train(self, request: dict[str, Any]) -> dict[str, Any]:
+        return super().train(request)

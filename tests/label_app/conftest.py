@@ -1,0 +1,102 @@
+"""Fixtures for the MONAI Label app tests: a real ``monailabel start_server`` on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+APP_DIR = REPO / "label_app"
+HIPPO = "guidino_hippocampus_mri_segmentation"
+FETAL = "guidino_fetalhead_us_segmentation"
+INTERACTIVE = "guidino_interactive"
+#: tiny, fast networks for CPU tests (random init)
+TINY = {"guide_backbone_kwargs": {"depth": 2}, "guide_kwargs#guide_size": 56, "sw_batch_size": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_studies(root: Path, num_cases: int = 4, final_labels: int = 1) -> Path:
+    """A studies folder with demo hippocampus images; the first ``final_labels`` already have a final label."""
+    from guidino_monai.data import make_demo_dataset
+
+    demo = Path(make_demo_dataset(root / "demo", "hippocampus", num_cases=num_cases, seed=1))
+    studies = root / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for i, img in enumerate(sorted((demo / "imagesTr").glob("*.nii.gz"))):
+        shutil.copy(img, studies / img.name)
+        if i < final_labels:
+            shutil.copy(demo / "labelsTr" / img.name, studies / "labels" / "final" / img.name)
+    return studies
+
+
+class Server:
+    """``python -m monailabel.main start_server`` as a subprocess, with its log in a file."""
+
+    def __init__(self, studies: str, model_dir: Path, models: str, log: Path, extra_conf: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        conf = {"models": models, "model_dir": str(model_dir), "bundle_overrides": json.dumps(TINY),
+                "init_weights": "random", **(extra_conf or {})}  # fmt: skip
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR), "--studies", studies,
+               "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
+        for k, v in conf.items():
+            cmd += ["--conf", k, v]
+        env = dict(os.environ)
+        env.update(
+            MONAI_LABEL_AUTO_UPDATE_SCORING="false",
+            MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
+            MONAI_LABEL_SESSION_PATH=str(model_dir.parent / "sessions"),
+            PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            OMP_NUM_THREADS="2",
+        )
+        self.log = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(model_dir.parent))
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        import requests
+
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def monailabel_ready():
+    pytest.importorskip("monailabel", reason="MONAI Label is an optional extra: pip install -e .[label]")
+    pytest.importorskip("requests")

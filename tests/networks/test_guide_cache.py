@@ -1,0 +1,100 @@
+"""The cached-token training path equals the reference path (whole-volume guide, resampled, then cropped)."""
+
+from __future__ import annotations
+
+import unittest
+
+import torch
+from monai.data import CacheDataset, DataLoader
+from monai.transforms import Compose, EnsureTyped, RandFlipd, RandSpatialCropd, SpatialPadd
+from parameterized import parameterized
+from testing_utils import SMALL_VIT, quiet_random_init_warning
+
+from guidino_monai.engines import CachedGuidePrepareBatch
+from guidino_monai.networks import GuidedSegResNet, GuidedUNet, coords_to_grid, resample_guide
+from guidino_monai.transforms import AddCoordinatesd
+
+quiet_random_init_warning()
+
+
+def make(dims: int, **kw):
+    if dims == 3:
+        return GuidedSegResNet(3, 8, 1, 3, guide_backbone_kwargs=SMALL_VIT, guide_kwargs={"guide_size": 28}, **kw)
+    return GuidedUNet(2, 1, 3, (8, 16, 32), (2, 2), guide_backbone_kwargs=SMALL_VIT, guide_kwargs={"guide_size": 56},
+                      **kw)  # fmt: skip
+
+
+class TestGuideCache(unittest.TestCase):
+    @parameterized.expand([(3,), (2,)])
+    def test_crop_and_flip_match_reference(self, dims):
+        torch.manual_seed(0)
+        net = make(dims).train()
+        vol = torch.rand(1, 1, *((24, 40, 20) if dims == 3 else (60, 44)))
+        with torch.no_grad():
+            tokens = net.guide.encode(vol)
+        full = resample_guide(net.guide.tokens_to_guide(tokens, 1), vol.shape[2:])  # reference: whole volume
+        d = AddCoordinatesd("image")({"image": vol[0]})
+        roi = (16, 24, 8) if dims == 3 else (32, 16)
+        start = (5, 9, 7) if dims == 3 else (13, 21)
+        sl = tuple(slice(s, s + r) for s, r in zip(start, roi))
+        coords = d["coords"][(slice(None),) + sl].flip(1)  # crop, then a flip along spatial axis 0
+        ref = full[(slice(None), slice(None)) + sl].flip(2)
+        grid = coords_to_grid(coords[None], d["coords_source_shape"].tolist())
+        got = net.guide.guide_from_tokens([tokens], grid)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        got.sum().backward()  # the TokenBook still learns
+        self.assertGreater(float(net.guide.token_book.prototypes.grad.abs().sum()), 0.0)
+        x = vol[(slice(None), slice(None)) + sl].flip(2)
+        with torch.no_grad():
+            a, _ = net(x, tokens=[tokens], grid=grid)
+            b, _ = net(x, guide=ref)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    def test_prepare_batch_runs_vit_once_per_volume(self):
+        torch.manual_seed(0)
+        net = make(3)
+        data = [{"image": torch.rand(1, 20, 30, 12), "label": torch.zeros(1, 20, 30, 12), "case_id": f"c{i}"}
+                for i in range(3)]  # fmt: skip
+        transform = Compose([
+            EnsureTyped(keys=["image", "label"]),
+            SpatialPadd(keys=["image", "label"], spatial_size=(16, 24, 8)),
+            AddCoordinatesd("image"),
+            RandSpatialCropd(keys=["image", "label", "coords"], roi_size=(16, 24, 8), random_size=False),
+            RandFlipd(keys=["image", "label", "coords"], prob=0.5, spatial_axis=1),
+        ])  # fmt: skip
+        ds = CacheDataset(data, transform, progress=False)
+        loader = DataLoader(ds, batch_size=2, shuffle=False, num_workers=0)
+        prep = CachedGuidePrepareBatch(net, ds)
+        calls = []
+        hook = net.guide.backbone.patch_embed.register_forward_hook(lambda *a: calls.append(1))  # one per ViT call
+        for _ in range(2):
+            for batch in loader:
+                image, label, args, kwargs = prep(batch, torch.device("cpu"))
+                self.assertEqual(set(kwargs), {"tokens", "grid"})
+                logits, guide = net.train()(image, **kwargs)
+                self.assertEqual(guide.shape, (image.shape[0], 1, 16, 24, 8))
+                # each sample's guide equals the whole-volume reference at its coordinates
+                for i, cid in enumerate(batch["case_id"]):
+                    vol = torch.as_tensor(prep._deterministic_item(cid)["image"])[None]
+                    full = resample_guide(net.guide.tokens_to_guide(net.guide.encode(vol), 1), vol.shape[2:])
+                    idx = batch["coords"][i].long()
+                    ref = full[0, 0][idx[0], idx[1], idx[2]]
+                    torch.testing.assert_close(guide[i, 0], ref, rtol=1e-2, atol=2e-3)  # tokens cached in fp16
+        hook.remove()
+        # 3 volumes encoded once each by the cache; 3 more by this test's own reference computation per batch item
+        self.assertEqual(len(prep.tokens), 3)
+        self.assertEqual(len(calls), 3 + 2 * 3)
+
+    def test_fallbacks(self):
+        net = make(3, lora_rank=2)
+        prep = CachedGuidePrepareBatch(net, dataset=None)
+        batch = {"image": torch.rand(1, 1, 8, 8, 8), "label": torch.zeros(1, 1, 8, 8, 8), "coords": torch.zeros(1),
+                 "case_id": ["a"]}  # fmt: skip
+        self.assertEqual(len(prep(batch)), 2, "LoRA trains the ViT: no cache")
+        plain = make(3, use_guide=False)
+        self.assertEqual(len(CachedGuidePrepareBatch(plain, None)(batch)), 2)
+        self.assertEqual(len(CachedGuidePrepareBatch(make(3), None, enabled=False)(batch)), 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
