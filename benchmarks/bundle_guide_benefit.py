@@ -101,8 +101,10 @@ def format_table(rows: list[dict]) -> str:
         if not (plain and guided):
             continue
         keys = [k for k in plain if k.startswith(("dice_", "hd95_mm_", "hc_abs_error_mm"))] + ["mean_dice", "train_s"]
-        lines.append(f"\n{task}: {plain['cases']} cases ({plain['num_val_cases']} validation), {plain['epochs']} epochs,"
-                     f" guide {'pretrained' if guided['pretrained_guide'] else 'RANDOM-INIT ViT (no DINO weights)'}")
+        lines.append(
+            f"\n{task}: {plain['cases']} cases ({plain['num_val_cases']} validation), {plain['epochs']} epochs,"
+            f" guide {'pretrained' if guided['pretrained_guide'] else 'RANDOM-INIT ViT (no DINO weights)'}"
+        )
         lines.append("| metric | plain | guided | guided/plain |")
         lines.append("| --- | --- | --- | --- |")
         for k in keys:

@@ -30,7 +30,7 @@ from guidino_monai.inferers import GuidedSlidingWindowInferer
 from guidino_monai.networks import GuidedSegResNet, GuidedUNet
 
 SIZES = {
-    # name: (train batch, train patch 3D, train batch 2D, train patch 2D, sw volume 3D, sw roi 3D, sw image 2D, sw roi 2D)
+    # train batch/patch 3D and 2D; sliding-window volume/ROI 3D and image/ROI 2D
     "full": dict(b3=2, p3=96, b2=8, p2=256, vol3=(256, 512, 512), roi3=96, img2=(1024, 1024), roi2=256),
     "small": dict(b3=1, p3=64, b2=4, p2=128, vol3=(64, 128, 128), roi3=64, img2=(384, 384), roi2=128),
 }
@@ -102,8 +102,8 @@ def main() -> int:
     p.add_argument("--backbones", nargs="+", default=["vit_small_patch14_dinov2"])
     p.add_argument("--nets", nargs="+", default=["segresnet3d", "unet3d", "unet2d", "segresnet2d"])
     p.add_argument("--cases", nargs="+", default=["train", "sliding_window"])
-    p.add_argument("--naive", action="store_true", help="also time the naive guide (input gating at full resolution,"
-                   " guide recomputed for every sliding window)")  # fmt: skip
+    p.add_argument("--naive", action="store_true", help="also time the naive guide (ViT per step / window and input"
+                   " gating at full resolution)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", default=None, help="write the rows here as a JSON list")
@@ -118,16 +118,20 @@ def main() -> int:
     for backbone in args.backbones:
         for net_name in args.nets:
             kind, dims = net_name[:-2], int(net_name[-2])
-            variants = {"plain": dict(guided=False), "guided": dict(guided=True)}
-            if args.naive:
-                variants["guided_naive"] = dict(guided=True, gate_at="input")
             for case in args.cases:
+                # guided: the default path (train: ViT tokens cached once per volume; inference: guide once per
+                # volume). guided_per_step / guided_per_window: the ViT runs inside every step / window.
+                # guided_naive: per step / window and the guide gates the input at full resolution.
+                slow = "guided_per_step" if case == "train" else "guided_per_window"
+                variants = {"plain": dict(guided=False), "guided": dict(guided=True), slow: dict(guided=True)}
+                if args.naive:
+                    variants["guided_naive"] = dict(guided=True, gate_at="input")
                 results = {}
                 for vname, vkw in variants.items():
                     torch.manual_seed(0)
                     vkw = dict(vkw)
                     net = make_net(kind, dims, vkw.pop("guided"), backbone, **vkw).to(device)
-                    fn = build_case(case, net, dims, size, device, amp, naive=vname == "guided_naive")
+                    fn = build_case(case, net, dims, size, device, amp, fast=vname in ("plain", "guided"))
                     results[vname] = timed(fn, device, warmup, repeats)
                     del net, fn
                     if device.type == "cuda":
@@ -142,8 +146,11 @@ def main() -> int:
                            "plain_peak_mb": round(plain_mb, 1), "guided_peak_mb": round(mb, 1),
                            "mem_ratio": round(mb / plain_mb, 3) if plain_mb > 0 else None}  # fmt: skip
                     rows.append(row)
-                    print(f"| {row['case']} | {backbone} | {vname} | {plain_ms:.1f} | {ms:.1f} | {row['ratio']:.2f} |"
-                          f" {plain_mb:.0f} | {mb:.0f} | {row['mem_ratio']} |", flush=True)
+                    print(
+                        f"| {row['case']} | {backbone} | {vname} | {plain_ms:.1f} | {ms:.1f} | {row['ratio']:.2f} |"
+                        f" {plain_mb:.0f} | {mb:.0f} | {row['mem_ratio']} |",
+                        flush=True,
+                    )
     print_table(rows)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -151,21 +158,29 @@ def main() -> int:
     return 0
 
 
-def build_case(case: str, net, dims: int, size: dict, device: torch.device, amp, naive: bool) -> Callable[[], None]:
+def build_case(case: str, net, dims: int, size: dict, device: torch.device, amp, fast: bool) -> Callable[[], None]:
     if case == "train":
         b, s = (size["b3"], size["p3"]) if dims == 3 else (size["b2"], size["p2"])
         x = torch.rand(b, 1, *([s] * dims), device=device)
         y = torch.randint(0, 3, (b, 1, *([s] * dims)), device=device)
         from guidino_monai.losses import GuidedDiceCELoss
+        from guidino_monai.networks import coords_to_grid
 
         loss_fn = GuidedDiceCELoss(to_onehot_y=True, softmax=True, lambda_guide=0.5)
         opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=1e-4)
         net.train()
+        kwargs = {}
+        if fast and net.use_guide:  # tokens of each sample's whole volume (here: the patch itself), cached once
+            with torch.no_grad():
+                tokens = [net.guide.encode(x[i : i + 1]).to(torch.float16) for i in range(b)]
+            axes = [torch.arange(s, dtype=torch.float32, device=device)] * dims
+            coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(b, -1, *([-1] * dims))
+            kwargs = {"tokens": tokens, "grid": coords_to_grid(coords, [s] * dims)}
 
         def step():
             opt.zero_grad(set_to_none=True)
             with torch.autocast(**amp) if amp else torch.autocast("cpu", enabled=False):
-                loss = loss_fn(net(x), y)
+                loss = loss_fn(net(x, **kwargs), y)
             loss.backward()
             opt.step()
 
@@ -173,11 +188,11 @@ def build_case(case: str, net, dims: int, size: dict, device: torch.device, amp,
     vol = size["vol3"] if dims == 3 else size["img2"]
     roi = [size["roi3"]] * 3 if dims == 3 else [size["roi2"]] * 2
     image = torch.rand(1, 1, *vol, device=device)
-    inferer = GuidedSlidingWindowInferer(roi, sw_batch_size=2, overlap=0.25, mode="gaussian", guide_once=not naive)
+    inferer = GuidedSlidingWindowInferer(roi, sw_batch_size=2, overlap=0.25, mode="gaussian", guide_once=fast)
     net.eval()
 
     def infer():
-        with torch.inference_mode(), (torch.autocast(**amp) if amp else torch.autocast("cpu", enabled=False)):
+        with torch.inference_mode(), torch.autocast(**amp) if amp else torch.autocast("cpu", enabled=False):
             inferer(image, net)
 
     return infer
@@ -187,8 +202,10 @@ def print_table(rows: list[dict]) -> None:
     print("\n| case | backbone | variant | plain ms | guided ms | ratio | plain peak MB | guided peak MB | mem ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['case']} | {r['backbone']} | {r['variant']} | {r['plain_ms']:.1f} | {r['guided_ms']:.1f} |"
-              f" {r['ratio']:.2f} | {r['plain_peak_mb']:.0f} | {r['guided_peak_mb']:.0f} | {r['mem_ratio']} |")
+        print(
+            f"| {r['case']} | {r['backbone']} | {r['variant']} | {r['plain_ms']:.1f} | {r['guided_ms']:.1f} |"
+            f" {r['ratio']:.2f} | {r['plain_peak_mb']:.0f} | {r['guided_peak_mb']:.0f} | {r['mem_ratio']} |"
+        )
 
 
 if __name__ == "__main__":

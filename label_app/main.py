@@ -106,9 +106,11 @@ class GuiDINOApp(MONAILabelApp):
 
     def init_strategies(self) -> dict[str, Any]:
         strategies: dict[str, Any] = {"random": Random()}
-        first = next((n for n in self.bundle_paths if n in self.requested), None)
-        if first:
-            strategies["mirror_uncertainty"] = MirrorUncertainty(self._infers[first])
+        served = [n for n in self.bundle_paths if n in self.requested]
+        if served:  # scored with the model named in the request ("model"), by default this one
+            default = self.conf.get("strategy_model") or (DEFAULT_INTERACTIVE_BUNDLE if DEFAULT_INTERACTIVE_BUNDLE in
+                                                          served else served[0])  # fmt: skip
+            strategies["mirror_uncertainty"] = MirrorUncertainty({n: self._infers[n] for n in served}, default)
         return strategies
 
     def init_scoring_methods(self) -> dict[str, Any]:
@@ -164,7 +166,7 @@ class GuiDINOApp(MONAILabelApp):
                     image_id, guide_file, "guide", {"model": request.get("model")}
                 )
                 params["guide"] = {"label": label_id, "tag": "guide"}
-            if request.get("result") == "guide":
+            if request.get("return_guide") == "image":
                 if result.get("file") and os.path.exists(result["file"]):
                     os.unlink(result["file"])
                 result["file"] = guide_file

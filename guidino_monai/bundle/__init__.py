@@ -14,7 +14,17 @@
 from __future__ import annotations
 
 from .report import HeadCircumferenceReport, SegmentationReport, case_metrics, save_overlay
-from .utils import TASKS, ProgressBar, TrainingCheckpoint, find_bundle_root, inference_datalist, is_main_process, loss_of, prepare_datalists, require_file
+from .utils import (
+    TASKS,
+    ProgressBar,
+    TrainingCheckpoint,
+    find_bundle_root,
+    inference_datalist,
+    is_main_process,
+    loss_of,
+    prepare_datalists,
+    require_file,
+)
 
 __all__ = [
     "HeadCircumferenceReport",

@@ -117,7 +117,9 @@ def pack_bundle(
             (stage / "models").mkdir()
             shutil.copy2(weights, stage / "models" / "model.pt")
             if export:
-                export_torchscript(stage, stage / "models" / "model.pt", stage / "models" / "model.ts", **(override or {}))
+                export_torchscript(
+                    stage, stage / "models" / "model.pt", stage / "models" / "model.ts", **(override or {})
+                )
             for f in sorted((stage / "models").iterdir()):
                 manifest["files"][f"models/{f.name}"] = {"sha256": sha256(f), "bytes": f.stat().st_size}
         (stage / "models").mkdir(exist_ok=True)

@@ -196,7 +196,9 @@ class SegmentationReport:
         spatial_dims = image.ndim - 1
         spacing = _spacing(pred, spatial_dims)
         if pred.shape[0] != 1 or label.shape[0] != 1:
-            raise ValueError(f"expected label maps (1, *spatial), got pred {tuple(pred.shape)} label {tuple(label.shape)}")
+            raise ValueError(
+                f"expected label maps (1, *spatial), got pred {tuple(pred.shape)} label {tuple(label.shape)}"
+            )
         row: dict[str, Any] = {"case": _case_name(image, len(self.rows))}
         row.update(case_metrics(pred, label, self.labels, spacing))
         if self.head_circumference:
@@ -222,6 +224,7 @@ class SegmentationReport:
             k = int(np.argmax((lab > 0).sum(axis=(0, 1)))) if lab.any() else img.shape[2] // 2
             img, lab, prd = img[..., k], lab[..., k], prd[..., k]
             gde = None if gde is None else gde[..., k]
+
         # array axes (x, y) -> picture rows/cols with y upwards, as viewers show RAS images
         def pic(a):
             return None if a is None else np.flipud(a.T)

@@ -25,7 +25,17 @@ import torch
 
 from ..data import case_id, hc18_fetus_id, load_checked_datalist, make_demo_dataset, split_by_group
 
-__all__ = ["TASKS", "ProgressBar", "TrainingCheckpoint", "find_bundle_root", "inference_datalist", "is_main_process", "loss_of", "prepare_datalists", "require_file"]
+__all__ = [
+    "TASKS",
+    "ProgressBar",
+    "TrainingCheckpoint",
+    "find_bundle_root",
+    "inference_datalist",
+    "is_main_process",
+    "loss_of",
+    "prepare_datalists",
+    "require_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +115,9 @@ def prepare_datalists(
             make_demo_dataset(demo_dir, task, num_cases=num_demo_cases, seed=seed)
         if distributed:
             torch.distributed.barrier()
-        dataset_dir = make_demo_dataset(demo_dir, task, num_cases=num_demo_cases, seed=seed)  # complete: returns at once
+        dataset_dir = make_demo_dataset(
+            demo_dir, task, num_cases=num_demo_cases, seed=seed
+        )  # complete: returns at once
         logger.warning(
             "no dataset_dir given: using the built-in SYNTHETIC demo set at %s. Set dataset_dir to a"
             " Decathlon-style folder to train on real data.",

@@ -144,7 +144,9 @@ class ClickRefiner:
         return torch.stack(picked)
 
     @torch.no_grad()
-    def guide(self, foreground: Sequence[Sequence[float]] = (), background: Sequence[Sequence[float]] = ()) -> torch.Tensor:
+    def guide(
+        self, foreground: Sequence[Sequence[float]] = (), background: Sequence[Sequence[float]] = ()
+    ) -> torch.Tensor:
         """The guide ``(1, 1, *spatial)`` at image resolution for the given clicks (image grid voxel coordinates)."""
         if self.image is None or self.tokens is None:
             raise RuntimeError("call set_image() first.")

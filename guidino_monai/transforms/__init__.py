@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 from .dictionary import (
-    AddCoordinatesd,
     AddCoordinatesD,
+    AddCoordinatesd,
     AddCoordinatesDict,
-    SplitGuidedOutputd,
     SplitGuidedOutputD,
+    SplitGuidedOutputd,
     SplitGuidedOutputDict,
 )
 

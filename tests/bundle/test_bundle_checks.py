@@ -193,9 +193,22 @@ class TestDeliveryAndDistributed(unittest.TestCase):
         """multi_gpu_train.json under torchrun: 2 CPU processes (gloo), one epoch, one checkpoint written."""
         bundle = copy_bundle(HIPPO, Path(self.tmp.name) / "ddp")
         configs = f"['{bundle}/configs/train.json','{bundle}/configs/multi_gpu_train.json']"
-        args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-                "-m", "monai.bundle", "run", "--config_file", configs, "--meta_file",
-                str(bundle / "configs" / "metadata.json"), "--logging_file", str(bundle / "configs" / "logging.conf")]
+        args = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=0",
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            configs,
+            "--meta_file",
+            str(bundle / "configs" / "metadata.json"),
+            "--logging_file",
+            str(bundle / "configs" / "logging.conf"),
+        ]
         for k, v in FAST[HIPPO].items():
             args += [f"--{k}", repr(v)]
         env = {**ENV, "OMP_NUM_THREADS": "1"}

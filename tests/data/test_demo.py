@@ -164,5 +164,6 @@ class TestDemoDataset(unittest.TestCase):
             self.assertGreater(image[rim].mean(), image[~inner].mean() + 20)
             self.assertGreater(image[rim].mean(), image[interior].mean() + 20)
 
+
 if __name__ == "__main__":
     unittest.main()

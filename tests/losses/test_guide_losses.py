@@ -441,9 +441,8 @@ class TestGuidedDiceCELoss(unittest.TestCase):
         args = {"sigmoid": True, "lambda_hinge": 0.5}
         expected = (
             DiceCELoss(sigmoid=True)(logits, label)
-            + 0.5 * BoundaryHingeLoss(include_background=True, to_onehot_y=False, sigmoid=True, softmax=False)(
-                logits, label
-            )
+            + 0.5
+            * BoundaryHingeLoss(include_background=True, to_onehot_y=False, sigmoid=True, softmax=False)(logits, label)
             + 0.5 * GuideSupervisionLoss()(guide, label)
         )
         torch.testing.assert_close(GuidedDiceCELoss(**args)((logits, guide), label), expected)

@@ -47,7 +47,9 @@ class TestRealDataTraining(unittest.TestCase):
             gate_at="bottleneck", guide_kwargs={"guide_size": 56, "intensity_scaling": "minmax"},
         )  # fmt: skip
         # soft-Dice guide supervision: the foreground is ~4% of a crop, where MSE first learns the constant
-        loss_fn = GuidedDiceCELoss(to_onehot_y=True, softmax=True, lambda_guide=1.0, guide_mode="dice", lambda_hinge=0.1)
+        loss_fn = GuidedDiceCELoss(
+            to_onehot_y=True, softmax=True, lambda_guide=1.0, guide_mode="dice", lambda_hinge=0.1
+        )
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-2)
         net.train()
         with torch.no_grad():

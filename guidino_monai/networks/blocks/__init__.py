@@ -14,4 +14,13 @@ from __future__ import annotations
 from .guide import GateMode, GuideBranch, IntensityScaling, coords_to_grid, gate_features, resample_guide, sample_guide
 from .tokenbook import TokenBook
 
-__all__ = ["GateMode", "GuideBranch", "IntensityScaling", "TokenBook", "coords_to_grid", "gate_features", "resample_guide", "sample_guide"]
+__all__ = [
+    "GateMode",
+    "GuideBranch",
+    "IntensityScaling",
+    "TokenBook",
+    "coords_to_grid",
+    "gate_features",
+    "resample_guide",
+    "sample_guide",
+]

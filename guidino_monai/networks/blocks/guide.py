@@ -24,7 +24,15 @@ from monai.utils import StrEnum
 from ..backbones import create_guide_backbone
 from .tokenbook import TokenBook
 
-__all__ = ["GuideBranch", "IntensityScaling", "GateMode", "coords_to_grid", "gate_features", "resample_guide", "sample_guide"]
+__all__ = [
+    "GuideBranch",
+    "IntensityScaling",
+    "GateMode",
+    "coords_to_grid",
+    "gate_features",
+    "resample_guide",
+    "sample_guide",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

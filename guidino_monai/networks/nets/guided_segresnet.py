@@ -35,8 +35,9 @@ class GateAt(StrEnum):
 def check_spatial_shape(x: torch.Tensor, spatial_dims: int, divisor: int, name: str) -> None:
     """Validate a network input: dims, 1-voxel-thin axes and divisibility, with messages a user can act on."""
     if x.ndim != spatial_dims + 2:
+        axes = "H, W" if spatial_dims == 2 else "X, Y, Z"
         raise ValueError(
-            f"{name} with spatial_dims={spatial_dims} expects input (B, C, {'H, W' if spatial_dims == 2 else 'X, Y, Z'}),"
+            f"{name} with spatial_dims={spatial_dims} expects input (B, C, {axes}),"
             f" got shape {tuple(x.shape)} with {x.ndim - 2} spatial dims."
         )
     spatial = tuple(x.shape[2:])
@@ -118,7 +119,9 @@ class GuideOptions:
         if guide is None:
             return self.guide(x)
         if guide.ndim != x.ndim or guide.shape[0] != x.shape[0] or guide.shape[1] != 1:
-            raise ValueError(f"a precomputed guide must be (B, 1, ...) like {tuple(x.shape)}, got {tuple(guide.shape)}.")
+            raise ValueError(
+                f"a precomputed guide must be (B, 1, ...) like {tuple(x.shape)}, got {tuple(guide.shape)}."
+            )
         return guide
 
 

@@ -47,21 +47,27 @@ class MirrorUncertainty(Strategy):
     request (random ones), which keeps the request short on large studies.
 
     Args:
-        infer_task: the model's inference task.
+        infer_tasks: model name -> inference task; the request's ``"model"`` picks one.
+        default_model: the model used when the request names none.
         axes: spatial axes to mirror. Defaults to all axes of the model.
         max_candidates: the most unscored images to score per request. Defaults to ``8``.
     """
 
-    def __init__(self, infer_task: Any, axes: list[int] | None = None, max_candidates: int = 8) -> None:
+    def __init__(self, infer_tasks: dict[str, Any], default_model: str, axes: list[int] | None = None,
+                 max_candidates: int = 8) -> None:  # fmt: skip
         super().__init__("Uncertainty: disagreement of mirrored predictions")
-        self.task = infer_task
-        self.axes = list(axes) if axes is not None else list(range(int(infer_task.dimension)))
+        if default_model not in infer_tasks:
+            raise ValueError(f"default_model {default_model!r} is not one of {sorted(infer_tasks)}.")
+        self.tasks = infer_tasks
+        self.default_model = default_model
+        self.axes = axes
         self.max_candidates = max_candidates
 
-    def predictions(self, image_uri: str) -> list[np.ndarray]:
+    def predictions(self, task: Any, image_uri: str) -> list[np.ndarray]:
+        axes = self.axes if self.axes is not None else list(range(int(task.dimension)))
         out = []
-        for flip in [[]] + [[a] for a in self.axes]:
-            _, data = self.task({"image": image_uri, "skip_writer": True, "flip_axes": flip})
+        for flip in [[]] + [[a] for a in axes]:
+            _, data = task({"image": image_uri, "skip_writer": True, "flip_axes": flip})
             pred = data["pred"]
             out.append(np.asarray(pred.detach().cpu().numpy() if hasattr(pred, "detach") else pred))
         return out
@@ -70,23 +76,28 @@ class MirrorUncertainty(Strategy):
         images = datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels"))
         if not images:
             return None
-        path = self.task.get_path()
+        model = request.get("model") or self.default_model
+        task = self.tasks.get(model)
+        if task is None:
+            raise ValueError(f"unknown model {model!r} for mirror_uncertainty; available: {sorted(self.tasks)}")
+        path = task.get_path()
         model_ts = os.stat(path).st_mtime if path and os.path.exists(path) else 0
         scores: dict[str, float] = {}
         unscored = []
         for image in images:
             cached = datastore.get_image_info(image).get("strategy", {}).get("mirror_uncertainty", {})
-            if cached.get("model_ts") == model_ts and "score" in cached:
+            if cached.get("model_ts") == model_ts and cached.get("model") == model and "score" in cached:
                 scores[image] = float(cached["score"])
             else:
                 unscored.append(image)
         budget = int(request.get("max_candidates", self.max_candidates))
         for image in random.sample(unscored, min(budget, len(unscored))):
-            score = mirror_disagreement(self.predictions(datastore.get_image_uri(image)))
+            score = mirror_disagreement(self.predictions(task, datastore.get_image_uri(image)))
             scores[image] = score
             info = datastore.get_image_info(image).get("strategy", {})
-            info["mirror_uncertainty"] = {"score": score, "model_ts": model_ts, "ts": int(time.time())}
+            info["mirror_uncertainty"] = {"score": score, "model": model, "model_ts": model_ts,
+                                          "ts": int(time.time())}  # fmt: skip
             datastore.update_image_info(image, {"strategy": info})
         best = max(scores, key=lambda k: scores[k])
         logger.info("mirror uncertainty: picked %s (%.4f) from %d scored images", best, scores[best], len(scores))
-        return {"id": best, "score": scores[best]}
+        return {"id": best, "score": scores[best], "model": model}

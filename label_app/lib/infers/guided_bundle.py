@@ -34,10 +34,12 @@ logger = logging.getLogger(__name__)
 
 
 def wants_guide(data: dict[str, Any] | None) -> bool:
-    """Whether the request asks for the guide mask (``"guide": true`` or ``"result": "guide"``)."""
-    if not data:
-        return False
-    return bool(strtobool(str(data.get("guide", False)))) or data.get("result") == "guide"
+    """Whether the request asks for the guide mask: ``"return_guide"`` is ``true`` (stored in the datastore as label
+    tag ``guide``) or ``"image"`` (returned as the response image instead of the label)."""
+    value = (data or {}).get("return_guide", False)
+    if value == "image":
+        return True
+    return bool(strtobool(str(value))) if isinstance(value, (str, bool)) else bool(value)
 
 
 class GuidedBundleInferTask(BundleInferTask):
@@ -46,7 +48,7 @@ class GuidedBundleInferTask(BundleInferTask):
     Differences from :class:`~monailabel.tasks.infer.bundle.BundleInferTask`:
 
     - ``Spacingd`` runs through :class:`~lib.transforms.HideNonDictMetad` (monai 1.6.1 ``image_path`` bug);
-    - request ``{"guide": true}`` also writes the guide mask (float32 in ``[0, 1]``, the input's geometry); its file is
+    - request ``{"return_guide": true}`` also writes the guide mask (float32 in ``[0, 1]``, the input's geometry); its file is
       reported under ``result_json["guide_file"]`` for the app to store or return;
     - request ``{"mirror_axes": [0, 1]}`` turns on mirror test-time augmentation.
     """
@@ -54,7 +56,7 @@ class GuidedBundleInferTask(BundleInferTask):
     def __init__(self, path: str, conf: dict[str, str], **kwargs: Any) -> None:
         super().__init__(path, conf, **kwargs)
         if self.valid:
-            self._config.update({"guide": False, "mirror_axes": []})
+            self._config.update({"return_guide": False, "mirror_axes": []})
 
     def pre_transforms(self, data: dict[str, Any] | None = None) -> list:
         return wrap_spacing(list(super().pre_transforms(data)))
@@ -67,6 +69,26 @@ class GuidedBundleInferTask(BundleInferTask):
             inferer.mirror_axes = tuple(int(a) for a in axes)
         flip = (data or {}).get("flip_axes") or []
         return FlippedInferer(inferer, flip) if flip else inferer
+
+    def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict:
+        """As :meth:`BasicInferTask.run_inferer`, but a ``(logits, guide)`` output keeps both (``pred``, ``guide``)."""
+        inferer = self.inferer(data)
+        network = self._get_network(device, data)
+        inputs = data[self.input_key]
+        inputs = inputs if torch.is_tensor(inputs) else torch.from_numpy(inputs)
+        inputs = (inputs[None] if convert_to_batch else inputs).to(torch.device(device))
+        with torch.no_grad():
+            outputs = inferer(inputs, network)
+        guide = None
+        if isinstance(outputs, (tuple, list)):
+            outputs, guide = outputs
+        if convert_to_batch:
+            outputs = outputs[0]
+            guide = guide[0] if guide is not None else None
+        data[self.output_label_key] = outputs
+        if guide is not None:
+            data["guide"] = guide
+        return data
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
         result_file, result_json = super().writer(data, extension, dtype)

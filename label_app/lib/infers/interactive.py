@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastapi import HTTPException
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from guidino_monai.interactive import ClickRefiner, world_points_to_grid
 
-from .guided_bundle import GuidedBundleInferTask
+from .guided_bundle import GuidedBundleInferTask, wants_guide
 
 __all__ = ["GuidedInteractiveInferTask"]
 
@@ -79,7 +80,7 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         if not isinstance(points, (list, tuple)) or any(
             not isinstance(p, (list, tuple)) or len(p) < self.dimension for p in points
         ):
-            raise ValueError(f"{name!r} must be a list of [x, y{', z' if self.dimension == 3 else ''}] points.")
+            raise HTTPException(status_code=400, detail=f"{name!r} must be a list of [x, y{', z' if self.dimension == 3 else ''}] points.")
         points = [[float(v) for v in p[: self.dimension]] for p in points]
         image = data[self.input_key]
         meta = image.meta if isinstance(image, MetaTensor) else {}
@@ -99,7 +100,7 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         if isinstance(image, MetaTensor):
             pred.copy_meta_from(image)
         data[self.output_label_key] = pred
-        if data.get("guide") or data.get("result") == "guide":
+        if wants_guide(data):
             g = MetaTensor(guide[0])
             if isinstance(image, MetaTensor):
                 g.copy_meta_from(image)
@@ -111,7 +112,7 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         if label not in (None, "", []) and isinstance(self.labels, dict):
             idx = self.labels.get(str(label).lower(), None) if not str(label).isdigit() else int(label)
             if idx is None:
-                raise ValueError(f"unknown label {label!r}; known: {self.labels}")
+                raise HTTPException(status_code=400, detail=f"unknown label {label!r}; known: {self.labels}")
             pred = data[self.output_label_key]
             mask = pred == idx
             data[self.output_label_key] = mask.astype(np.uint8) if isinstance(mask, np.ndarray) else mask.to(torch.uint8)
