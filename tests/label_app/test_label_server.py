@@ -97,6 +97,7 @@ def test_infer_2d_fetal_head(server):
     assert r.status_code == 200, r.text[:2000] + server.tail()
     out = _load(r.content)
     assert out.shape[:2] == arr.shape and set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    np.testing.assert_allclose(out.header.get_zooms()[:2], (0.2, 0.2), atol=1e-5)
 
 
 def test_slicer_flow_train_and_reinfer(server):
@@ -145,10 +146,11 @@ def test_slicer_flow_train_and_reinfer(server):
     r = requests.post(url + f"/infer/{HIPPO}", params={"image": image_id, "output": "image"}, timeout=300)
     assert r.status_code == 200 and _load(r.content).shape == pred.shape
     # scoring: Dice of the submitted labels against the model's prediction
-    scores = requests.post(url + "/scoring/dice", json={"model": HIPPO}, timeout=300)
+    scores = requests.post(url + "/scoring/dice", params={"run_sync": "true"}, json={"model": HIPPO}, timeout=300)
     assert scores.status_code == 200, scores.text
+    assert set(scores.json()) == {"hippocampus_000", image_id}  # the images with a final label
     info = requests.get(url + "/datastore/image/info", params={"image": image_id}, timeout=30).json()
-    assert 0.0 <= info["dice"] <= 1.0
+    assert info["dice"] == scores.json()[image_id] and 0.0 <= info["dice"] <= 1.0
 
 
 def test_killed_training_leaves_served_model(server):
@@ -269,4 +271,4 @@ def test_mirror_uncertainty_strategy(server):
     res = r.json()
     assert 0.0 <= res["score"] <= 1.0
     info = requests.get(server.url + "/datastore/image/info", params={"image": res["id"]}, timeout=30).json()
-    assert info["strategy"]["mirror_uncertainty"]["score"] == res["score"]
+    assert info["mirror_uncertainty"]["score"] == res["score"]

@@ -42,9 +42,9 @@ class MirrorUncertainty(Strategy):
 
     A segmentation that changes when the image is flipped left-right (or along any spatial axis) is one the model is
     unsure of. For each candidate the model runs once plain and once per mirrored axis; the score is
-    :func:`mirror_disagreement`. Scores are cached in the image info with the weights' mtime, so an image is scored
-    again only after training swapped in new weights. At most ``max_candidates`` unscored images are scored per
-    request (random ones), which keeps the request short on large studies.
+    :func:`mirror_disagreement`. Scores are cached in the image info (``mirror_uncertainty``) with the weights'
+    mtime, so an image is scored again only after training swapped in new weights. At most ``max_candidates``
+    unscored images (random ones) are scored per request, which keeps the request short on large studies.
 
     Args:
         infer_tasks: model name -> inference task; the request's ``"model"`` picks one.
@@ -85,7 +85,7 @@ class MirrorUncertainty(Strategy):
         scores: dict[str, float] = {}
         unscored = []
         for image in images:
-            cached = datastore.get_image_info(image).get("strategy", {}).get("mirror_uncertainty", {})
+            cached = datastore.get_image_info(image).get("mirror_uncertainty", {})
             if cached.get("model_ts") == model_ts and cached.get("model") == model and "score" in cached:
                 scores[image] = float(cached["score"])
             else:
@@ -94,10 +94,9 @@ class MirrorUncertainty(Strategy):
         for image in random.sample(unscored, min(budget, len(unscored))):
             score = mirror_disagreement(self.predictions(task, datastore.get_image_uri(image)))
             scores[image] = score
-            info = datastore.get_image_info(image).get("strategy", {})
-            info["mirror_uncertainty"] = {"score": score, "model": model, "model_ts": model_ts,
-                                          "ts": int(time.time())}  # fmt: skip
-            datastore.update_image_info(image, {"strategy": info})
+            # own key: MONAI Label rewrites info["strategy"] after every selection
+            datastore.update_image_info(image, {"mirror_uncertainty": {"score": score, "model": model,
+                                                                       "model_ts": model_ts, "ts": int(time.time())}})
         best = max(scores, key=lambda k: scores[k])
         logger.info("mirror uncertainty: picked %s (%.4f) from %d scored images", best, scores[best], len(scores))
         return {"id": best, "score": scores[best], "model": model}

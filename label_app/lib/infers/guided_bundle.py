@@ -91,7 +91,13 @@ class GuidedBundleInferTask(BundleInferTask):
         return data
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
-        result_file, result_json = super().writer(data, extension, dtype)
+        pred = data.get(self.output_label_key)
+        if self.dimension == 2 and isinstance(pred, torch.Tensor) and not data.get("skip_writer"):
+            # MONAI Label's Writer writes 2D labels through ITK without their affine (spacing lost): write it here
+            result_file = save_like_pred(pred, data, suffix=".nii.gz", dtype=np.uint8)
+            result_json = dict(data.get(self.output_json_key) or {})
+        else:
+            result_file, result_json = super().writer(data, extension, dtype)
         guide = data.get("guide")
         if wants_guide(data) and isinstance(guide, torch.Tensor):
             result_json["guide_file"] = save_like_pred(guide, data, suffix="_guide.nii.gz")
@@ -112,12 +118,15 @@ class FlippedInferer:
         return torch.flip(out, self.dims)
 
 
-def save_like_pred(volume: torch.Tensor, data: dict[str, Any], suffix: str) -> str:
+def save_like_pred(volume: torch.Tensor, data: dict[str, Any], suffix: str, dtype: Any = np.float32) -> str:
     """Save a ``(1, *spatial)`` volume with the affine the writer gave the label (the input's geometry)."""
     arr = volume.detach().cpu().float().numpy()
     arr = arr[0] if arr.ndim > 2 and arr.shape[0] == 1 else arr
     meta = data.get("pred_meta_dict") or {}
     affine = meta.get("affine")
+    if affine is None:
+        image = data.get("image")
+        affine = image.meta.get("original_affine") if isinstance(image, MetaTensor) else None
     if affine is None and isinstance(volume, MetaTensor):
         affine = volume.affine
     affine = np.asarray(affine if affine is not None else np.eye(4), dtype=np.float64)
@@ -127,5 +136,5 @@ def save_like_pred(volume: torch.Tensor, data: dict[str, Any], suffix: str) -> s
         affine = full
     fd, path = tempfile.mkstemp(suffix=suffix)
     os.close(fd)
-    nib.save(nib.Nifti1Image(arr.astype(np.float32), affine), path)
+    nib.save(nib.Nifti1Image(arr.astype(dtype), affine), path)
     return path
