@@ -8,7 +8,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""GuiDINO MONAI Label app: serves the repository's bundles to 3D Slicer (see label_app/README.md).
+"""GuiDINO MONAI Label app: serves the repository's bundles to 3D Slicer (install: label_app/INSTALL.md).
 
     monailabel start_server --app label_app --studies <folder or DICOMweb URL> --conf models all
 
