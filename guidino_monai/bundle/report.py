@@ -137,7 +137,26 @@ def save_overlay(
     return str(path)
 
 
-class SegmentationReport:
+class _CaseRowsHandler:
+    """An ignite handler that collects one row per case and writes them when the run completes."""
+
+    rows: list[dict[str, Any]]
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def iteration_completed(self, engine: Any) -> None:
+        raise NotImplementedError
+
+    def completed(self, engine: Any = None) -> None:
+        raise NotImplementedError
+
+
+class SegmentationReport(_CaseRowsHandler):
     """Evaluator handler: per-case metrics CSV, a summary JSON and PNG overlays of a few cases.
 
     Expects the decollated engine output to hold post-processed label maps under ``pred_key`` and ``label_key``
@@ -171,13 +190,6 @@ class SegmentationReport:
         self.hc_offset = hc_boundary_offset_px
         self.keys = (image_key, label_key, pred_key, guide_key)
         self.rows: list[dict[str, Any]] = []
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def iteration_completed(self, engine: Any) -> None:
         outputs = engine.state.output
@@ -267,7 +279,7 @@ class SegmentationReport:
                     self.output_dir)  # fmt: skip
 
 
-class HeadCircumferenceReport:
+class HeadCircumferenceReport(_CaseRowsHandler):
     """Inference handler: head circumference (mm) from an ellipse fitted to the predicted fetal head (label 1).
 
     Reads the post-processed label map under ``pred_key`` (in the input image's geometry, so the spacing is the
@@ -282,13 +294,6 @@ class HeadCircumferenceReport:
         self.pred_key = pred_key
         self.label = label
         self.rows: list[dict[str, Any]] = []
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
-        engine.add_event_handler(Events.COMPLETED, self.completed)
 
     def iteration_completed(self, engine: Any) -> None:
         outputs = engine.state.output

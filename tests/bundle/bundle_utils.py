@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigWorkflow
-from testing_utils import REPO_ROOT
+from testing_utils import REPO_ROOT, SHARED_DATA
 
 BUNDLES = REPO_ROOT / "bundles"
 HIPPO = "guidino_hippocampus_mri_segmentation"
 FETAL = "guidino_fetalhead_us_segmentation"
-SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+SCHEMA = SHARED_DATA.parent / "schemas" / "meta_schema_20240725.json"
 
 #: small, fast settings for CPU tests (1 epoch, tiny ROI, 2-block random-init ViT, no workers)
 FAST = {

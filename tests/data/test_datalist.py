@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from parameterized import parameterized
+from testing_utils import SHARED_DATA
 
 from guidino_monai.data import (
     DatasetError,
@@ -34,7 +35,7 @@ from guidino_monai.data import (
     split_by_group,
 )
 
-DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA_ROOT = SHARED_DATA  # ../shared/data beside the repo, or $GUIDINO_SHARED_DATA
 HIPPOCAMPUS_DIR = DATA_ROOT / "msd_hippocampus"
 HC18_DIR = DATA_ROOT / "hc18"
 SKIP_HIPPOCAMPUS = f"real data not found at {HIPPOCAMPUS_DIR} (see shared/data/README.md)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import threading
 import time
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import FETAL, HIPPO, INTERACTIVE, Server, make_studies
 
 pytestmark = pytest.mark.usefixtures("monailabel_ready")
@@ -64,7 +62,7 @@ def test_info_lists_models_with_labels(server):
 
 
 def test_infer_upload_keeps_input_geometry_and_returns_guide(server):
-    """An oblique, anisotropic, non-RAS upload: Orientationd + Spacingd (the monai 1.6.1 ``image_path`` bug) and back."""
+    """An oblique, anisotropic, non-RAS upload: Orientationd + Spacingd (the monai 1.6.1 image_path bug) and back."""
     import requests
 
     rng = np.random.default_rng(0)

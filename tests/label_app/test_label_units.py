@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from conftest import APP_DIR, HIPPO, TINY
+from conftest import APP_DIR, TINY
 
 
 def test_install_fixes_hold():

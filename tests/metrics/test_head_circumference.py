@@ -14,17 +14,17 @@ from __future__ import annotations
 import json
 import math
 import unittest
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 from parameterized import parameterized
 from scipy.special import ellipe
+from testing_utils import SHARED_DATA
 
 from guidino_monai.metrics import HC18_BOUNDARY_OFFSET_PX, ellipse_circumference, fit_ellipse, head_circumference_mm
 
-DATA_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA_ROOT = SHARED_DATA  # ../shared/data beside the repo, or $GUIDINO_SHARED_DATA
 HC18_DIR = DATA_ROOT / "hc18"
 SKIP_HC18 = f"real data not found at {HC18_DIR} (see shared/data/README.md)"
 
