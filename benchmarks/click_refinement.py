@@ -9,7 +9,8 @@ The simulated user clicks at the centre of the largest error region (:func:`guid
 a foreground click where the true label is foreground, a background click otherwise. Each click's DINO token becomes an
 extra positive/negative TokenBook prototype (no retraining); the ViT runs once per case, each click costs one TokenBook
 + backbone pass (timed). Dice is the mean over labels 1 and 2 on the bundle's preprocessed grid (1 mm RAS). Cases are
-the bundle's validation split (``prepare_datalists``, seed 0). Weights: the bundle's ``models/model.pt`` (``--weights``);
+the bundle's validation split (``prepare_datalists``, seed 0).
+Weights: the bundle's ``models/model.pt`` (``--weights``);
 without DINOv2 weights in the bundle the guide ViT is random-init, which the output says.
 """
 
@@ -109,8 +110,17 @@ def main() -> None:
     print(f"seconds per click (TokenBook + backbone, CPU): median {statistics.median(click_seconds):.3f}; "
           f"ViT once per case: median {statistics.median(vit_seconds):.3f}")  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps({"table": table, "cases": per_case, "seconds_per_click":
-                                               statistics.median(click_seconds), "weights": weights}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "table": table,
+                    "cases": per_case,
+                    "seconds_per_click": statistics.median(click_seconds),
+                    "weights": weights,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

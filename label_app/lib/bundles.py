@@ -41,7 +41,9 @@ CONFIGS_WITH_OVERRIDES = ("inference.json", "train.json")
 def available_bundles(bundles_dir: str | os.PathLike = BUNDLES_DIR) -> list[str]:
     """Names of the bundles (folders with ``configs/inference.json``)."""
     root = Path(bundles_dir)
-    return sorted(p.name for p in root.iterdir() if (p / "configs" / "inference.json").is_file()) if root.is_dir() else []
+    return (
+        sorted(p.name for p in root.iterdir() if (p / "configs" / "inference.json").is_file()) if root.is_dir() else []
+    )
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -105,7 +107,9 @@ def prepare_bundle(
     """
     src = Path(bundles_dir) / name
     if not (src / "configs" / "inference.json").is_file():
-        raise FileNotFoundError(f"bundle {name!r} not found in {bundles_dir} (available: {available_bundles(bundles_dir)})")
+        raise FileNotFoundError(
+            f"bundle {name!r} not found in {bundles_dir} (available: {available_bundles(bundles_dir)})"
+        )
     if init_weights not in ("bundle", "random"):
         raise ValueError(f"init_weights must be 'bundle' or 'random', got {init_weights!r}.")
     dst = Path(model_dir) / name
@@ -130,7 +134,9 @@ def prepare_bundle(
             logger.info("%s: serving the bundle's trained weights %s", name, trained)
         else:
             atomic_torch_save(network.state_dict(), served)
-            logger.warning("%s: no trained weights: serving a RANDOMLY INITIALISED network (train it from labels)", name)
+            logger.warning(
+                "%s: no trained weights: serving a RANDOMLY INITIALISED network (train it from labels)", name
+            )
     try:
         load_weights(network, served)
     except RuntimeError as e:

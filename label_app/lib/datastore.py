@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
-import shutil
 from typing import Any
 
 import nibabel as nib

@@ -95,8 +95,10 @@ class MirrorUncertainty(Strategy):
             score = mirror_disagreement(self.predictions(task, datastore.get_image_uri(image)))
             scores[image] = score
             # own key: MONAI Label rewrites info["strategy"] after every selection
-            datastore.update_image_info(image, {"mirror_uncertainty": {"score": score, "model": model,
-                                                                       "model_ts": model_ts, "ts": int(time.time())}})
+            datastore.update_image_info(
+                image,
+                {"mirror_uncertainty": {"score": score, "model": model, "model_ts": model_ts, "ts": int(time.time())}},
+            )
         best = max(scores, key=lambda k: scores[k])
         logger.info("mirror uncertainty: picked %s (%.4f) from %d scored images", best, scores[best], len(scores))
         return {"id": best, "score": scores[best], "model": model}

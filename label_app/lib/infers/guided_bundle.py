@@ -48,7 +48,8 @@ class GuidedBundleInferTask(BundleInferTask):
     Differences from :class:`~monailabel.tasks.infer.bundle.BundleInferTask`:
 
     - ``Spacingd`` runs through :class:`~lib.transforms.HideNonDictMetad` (monai 1.6.1 ``image_path`` bug);
-    - request ``{"return_guide": true}`` also writes the guide mask (float32 in ``[0, 1]``, the input's geometry); its file is
+    - request ``{"return_guide": true}`` also writes the guide mask (float32 in ``[0, 1]``, the input's geometry);
+      its file is
       reported under ``result_json["guide_file"]`` for the app to store or return;
     - request ``{"mirror_axes": [0, 1]}`` turns on mirror test-time augmentation.
     """

@@ -80,7 +80,10 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         if not isinstance(points, (list, tuple)) or any(
             not isinstance(p, (list, tuple)) or len(p) < self.dimension for p in points
         ):
-            raise HTTPException(status_code=400, detail=f"{name!r} must be a list of [x, y{', z' if self.dimension == 3 else ''}] points.")
+            raise HTTPException(
+                status_code=400,
+                detail=f"{name!r} must be a list of [x, y{', z' if self.dimension == 3 else ''}] points.",
+            )
         points = [[float(v) for v in p[: self.dimension]] for p in points]
         image = data[self.input_key]
         meta = image.meta if isinstance(image, MetaTensor) else {}
@@ -115,7 +118,9 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
                 raise HTTPException(status_code=400, detail=f"unknown label {label!r}; known: {self.labels}")
             pred = data[self.output_label_key]
             mask = pred == idx
-            data[self.output_label_key] = mask.astype(np.uint8) if isinstance(mask, np.ndarray) else mask.to(torch.uint8)
+            data[self.output_label_key] = (
+                mask.astype(np.uint8) if isinstance(mask, np.ndarray) else mask.to(torch.uint8)
+            )
         result_file, result_json = super().writer(data, extension, dtype)
         result_json["clicks"] = {"foreground": len(data.get("foreground") or []),
                                  "background": len(data.get("background") or [])}  # fmt: skip
