@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # so `lib` resol
 from lib.activelearning import MirrorUncertainty  # noqa: E402
 from lib.bundles import available_bundles, prepare_bundle  # noqa: E402
 from lib.datastore import GuidedLocalDatastore, check_id, check_nifti  # noqa: E402
+from lib.dicom_seg import GuidedDICOMWebDatastore  # noqa: E402
 from lib.infers import GuidedBundleInferTask, GuidedInteractiveInferTask  # noqa: E402
 from lib.scoring import GuidedDice  # noqa: E402
 from lib.trainers import GuidedBundleTrainTask  # noqa: E402
@@ -129,6 +130,13 @@ class GuiDINOApp(MONAILabelApp):
 
     def _download_dcmqi_tools(self) -> None:
         """No download at run time: DICOM SEG is written with pydicom-seg (``use_itk=False``) instead of dcmqi."""
+
+    def _init_dicomweb_datastore(self) -> Datastore:
+        """MONAI Label's DICOMweb datastore, with final labels stored back as DICOM SEG written by pydicom-seg."""
+        datastore = super()._init_dicomweb_datastore()
+        if type(datastore).__name__ == "DICOMWebDatastore":
+            datastore.__class__ = GuidedDICOMWebDatastore  # same state, our save_label/json
+        return datastore
 
     # -- requests -----------------------------------------------------------------------------------------------
     def _check_image_request(self, request: dict[str, Any]) -> None:
