@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import HIPPO, Server, free_port
+from testing_utils import HIPPOCAMPUS_DIR
 
 pytestmark = pytest.mark.usefixtures("monailabel_ready")
 
-HIPPO_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "msd_hippocampus"
+
+HIPPO_DATA = HIPPOCAMPUS_DIR  # ../shared/data/msd_hippocampus, or $GUIDINO_SHARED_DATA/msd_hippocampus
 DICOMWEB_PLUGINS = ["/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so"]
 CASES = ["hippocampus_001", "hippocampus_003"]
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
