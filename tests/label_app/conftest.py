@@ -42,12 +42,51 @@ def make_studies(root: Path, num_cases: int = 4, final_labels: int = 1) -> Path:
     return studies
 
 
-class Server:
+class Service:
+    """A subprocess on a loopback port with its log in a file: ``proc``, ``log``, ``log_path``, ``name`` and
+    ``ready_url`` (answers 200 once the service is up) are set by subclasses."""
+
+    name = "service"
+    ready_url = ""
+    proc: subprocess.Popen
+
+    def wait_ready(self, timeout: float = 240, poll: float = 1.0) -> None:
+        import requests
+
+        end = time.time() + timeout
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if requests.get(self.ready_url, timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(poll)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Server(Service):
     """``python -m monailabel.main start_server`` as a subprocess, with its log in a file."""
 
     def __init__(self, studies: str, model_dir: Path, models: str, log: Path, extra_conf: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.name, self.ready_url = "server", self.url + "/info/"
         self.log_path = log
         conf = {"models": models, "model_dir": str(model_dir), "bundle_overrides": json.dumps(TINY),
                 "init_weights": "random", **(extra_conf or {})}  # fmt: skip
@@ -65,36 +104,6 @@ class Server:
         )
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(model_dir.parent))
-
-    def wait_ready(self, timeout: float = 240) -> None:
-        import requests
-
-        end = time.time() + timeout
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.tail()}")
-
-    def tail(self, n: int = 60) -> str:
-        self.log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
 
 @pytest.fixture(scope="module")
 def monailabel_ready():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HIPPO, Server, free_port
+from conftest import HIPPO, Server, Service, free_port
 from testing_utils import HIPPOCAMPUS_DIR
 
 pytestmark = pytest.mark.usefixtures("monailabel_ready")
@@ -80,13 +80,14 @@ def nifti_to_dicom_series(
     return files
 
 
-class Orthanc:
+class Orthanc(Service):
     """``Orthanc <config.json>`` on free loopback ports, storage in ``root``."""
 
     def __init__(self, root: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb = self.url + "/dicom-web"
+        self.name, self.ready_url = "Orthanc", self.dicomweb + "/studies"
         config = {
             "Name": "guidino-test", "HttpPort": self.port, "DicomPort": free_port(), "DicomServerEnabled": False,
             "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
@@ -98,35 +99,6 @@ class Orthanc:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([_orthanc_binary(), str(root / "orthanc.json")], stdout=self.log,
                                      stderr=subprocess.STDOUT, cwd=str(root))  # fmt: skip
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        import requests
-
-        end = time.time() + timeout
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if requests.get(self.dicomweb + "/studies", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"Orthanc not ready after {timeout}s:\n{self.tail()}")
-
-    def tail(self, n: int = 40) -> str:
-        self.log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +114,7 @@ def orthanc(tmp_path_factory, monailabel_ready):
     root = tmp_path_factory.mktemp("orthanc")
     srv = Orthanc(root)
     try:
-        srv.wait_ready()
+        srv.wait_ready(timeout=60, poll=0.5)
         srv.series = {}
         for i, case in enumerate(CASES):
             study_uid, series_uid = generate_uid(), generate_uid()
