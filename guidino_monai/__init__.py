@@ -16,6 +16,17 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 # subpackages are imported so that `$import guidino_monai` in a bundle config reaches every component
-from . import bundle, data, engines, inferers, losses, metrics, networks, transforms  # noqa: E402
+from . import bundle, data, engines, inferers, losses, metrics, networks, transforms, utils  # noqa: E402
 
-__all__ = ["__version__", "bundle", "data", "engines", "inferers", "losses", "metrics", "networks", "transforms"]
+__all__ = [
+    "__version__",
+    "bundle",
+    "data",
+    "engines",
+    "inferers",
+    "losses",
+    "metrics",
+    "networks",
+    "transforms",
+    "utils",
+]

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
-from monai.utils import BlendMode, PytorchPadMode
+from monai.utils import BlendMode, PytorchPadMode, fall_back_tuple
 
-from .networks.blocks.guide import resample_guide
+from .networks.blocks.guide import coords_to_grid, resample_guide, sample_guide
 
 __all__ = ["GuidedSlidingWindowInferer", "unwrap_network"]
 
@@ -41,8 +41,9 @@ class GuidedSlidingWindowInferer(Inferer):
     """Sliding-window inference for guided (and plain) networks, with optional mirror test-time augmentation.
 
     For a guided network the guide mask is computed once on the whole image (one batched ViT call over all its
-    slices, with intensity scaling taken from the whole volume rather than each window), resampled once to the
-    image grid and carried through the windows as an extra input channel, so each window only runs the backbone.
+    slices, with intensity scaling taken from the whole volume rather than each window) at its token resolution;
+    each window samples its part of it (``grid_sample`` at the window's voxels, as in training with cached tokens),
+    so a window only runs the backbone and no full-resolution guide volume is ever made.
     A plain network (``use_guide=False`` or any MONAI network) gets ordinary sliding-window inference.
 
     Args:
@@ -101,31 +102,48 @@ class GuidedSlidingWindowInferer(Inferer):
             raise ValueError(f"mirror_axes {self.mirror_axes} out of range for {spatial_dims} spatial dims.")
         net = unwrap_network(network)
         guided = bool(getattr(net, "use_guide", False)) and getattr(net, "guide", None) is not None
-        guide = None
+        low = None
         if guided and (self.guide_once or self.return_guide):
             plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # no metadata tracking in the ViT
-            guide = resample_guide(net.guide(plain), inputs.shape[2:])
-            if isinstance(inputs, MetaTensor):  # the guide shares the image's geometry (for Invertd / SaveImaged)
-                guide = MetaTensor(guide)
-                guide.copy_meta_from(inputs)
-        channels = inputs.shape[1]
+            low = net.guide(plain)  # (B, 1, *token grid): one ViT pass over all slices of the image
+        spatial = tuple(int(n) for n in inputs.shape[2:])
+        roi = fall_back_tuple(self.roi_size, spatial)
+        offsets = [max(r - n, 0) // 2 for r, n in zip(roi, spatial)]  # sliding_window_inference's own padding
+        sw_kwargs = dict(self.sw_kwargs)
         if guided and self.guide_once:
-            data = torch.cat([inputs, guide.to(inputs.dtype)], dim=1)
+            sw_kwargs["with_coord"] = True
 
-            def predictor(x: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-                return network(x[:, :channels], *a, guide=x[:, channels:], **k)
+            def predictor(x: torch.Tensor, windows: list, *a: Any, **k: Any) -> torch.Tensor:
+                # each window's guide sampled from the image's low-resolution guide: no full-resolution guide volume
+                guides = []
+                for win in windows:
+                    b = win[0].start
+                    axes = [torch.arange(w.start - o, w.stop - o, dtype=torch.float32, device=low_flip.device)
+                            for w, o in zip(win[2:], offsets)]  # fmt: skip
+                    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+                    guides.append(sample_guide(low_flip[b : b + 1], coords_to_grid(coords, spatial)))
+                return network(x, *a, guide=torch.cat(guides).to(x.dtype), **k)
 
         else:
-            data, predictor = inputs, network  # type: ignore[assignment]
+            predictor = network  # type: ignore[assignment]
         total = None
         flips = self._flips()
+        low_flip = low
         for axes in flips:
             dims = [a + 2 for a in axes]
-            x = torch.flip(data, dims) if dims else data
-            out = sliding_window_inference(x, self.roi_size, predictor=predictor, *args, **self.sw_kwargs, **kwargs)
+            x = torch.flip(inputs, dims) if dims else inputs
+            if low is not None:
+                low_flip = torch.flip(low, dims) if dims else low
+            out = sliding_window_inference(x, roi, predictor=predictor, *args, **sw_kwargs, **kwargs)
             out = torch.flip(out, dims) if dims else out
             total = out if total is None else total + out
         logits = total / len(flips) if len(flips) > 1 else total
-        if self.return_guide:
-            return logits, guide
-        return logits
+        if not self.return_guide:
+            return logits
+        guide = None
+        if low is not None:  # the guide as an output image: resampled to the image grid once
+            guide = resample_guide(low, spatial)
+            if isinstance(inputs, MetaTensor):  # the guide shares the image's geometry (for Invertd / SaveImaged)
+                guide = MetaTensor(guide)
+                guide.copy_meta_from(inputs)
+        return logits, guide

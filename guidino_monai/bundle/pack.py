@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils import atomic_write
+
 __all__ = ["pack_bundle", "export_torchscript", "sha256"]
 
 _BUNDLE_ITEMS = ("configs", "docs", "LICENSE", "large_files.yml", "scripts")
@@ -124,12 +126,14 @@ def pack_bundle(
                 manifest["files"][f"models/{f.name}"] = {"sha256": sha256(f), "bytes": f.stat().st_size}
         (stage / "models").mkdir(exist_ok=True)
         (stage / "models" / "MANIFEST.json").write_text(json.dumps(manifest, indent=2))
-        tmp_zip = zip_path.with_suffix(".zip.tmp")
-        with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for path in sorted(stage.rglob("*")):
-                if path.is_file():
-                    zf.write(path, str(path.relative_to(stage.parent)))
-        os.replace(tmp_zip, zip_path)
+
+        def write_zip(tmp: str) -> None:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for path in sorted(stage.rglob("*")):
+                    if path.is_file():
+                        zf.write(path, str(path.relative_to(stage.parent)))
+
+        atomic_write(zip_path, write_zip)
     return str(zip_path)
 
 

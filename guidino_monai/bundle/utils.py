@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..data import case_id, hc18_fetus_id, load_checked_datalist, make_demo_dataset, split_by_group
+from ..utils import atomic_write
 
 __all__ = [
     "TASKS",
@@ -184,10 +185,7 @@ class TrainingCheckpoint:
         objs["network"] = unwrap_network(self.network)  # no "module." prefix from DDP
         state = {k: v.state_dict() for k, v in objs.items()}
         state["engine"] = {"epoch": int(engine.state.epoch), "iteration": int(engine.state.iteration)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
 
     def load(self, engine: Any) -> None:
         if not self.resume or not self.path.is_file():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -28,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..metrics.head_circumference import ellipse_circumference
+from ..utils import atomic_write
 
 __all__ = ["DEMO_TASKS", "make_demo_dataset"]
 
@@ -162,11 +164,9 @@ def _hc18_names(num_cases: int) -> list[tuple[str, int]]:
 
 def _save_atomic(data: np.ndarray, affine: np.ndarray, path: str) -> None:
     """Save a NIfTI file under a temporary name and move it into place, so a reader never sees half a file."""
-    tmp = f"{path[: -len('.nii.gz')]}.tmp{os.getpid()}.nii.gz"
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def _existing_demo(json_path: str) -> dict[str, Any] | None:
@@ -284,8 +284,5 @@ def make_demo_dataset(root: str | os.PathLike, task: str, num_cases: int = 12, s
                 }
             )
     meta.update(numTraining=len(training), training=training, demo=record)
-    tmp = f"{json_path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, json_path)
+    atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1), encoding="utf-8"))
     return root

@@ -21,12 +21,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.bundle import ConfigParser
+
+from guidino_monai.utils import atomic_write
 
 __all__ = ["BUNDLES_DIR", "available_bundles", "prepare_bundle", "atomic_torch_save", "load_weights"]
 
@@ -48,17 +49,7 @@ def available_bundles(bundles_dir: str | os.PathLike = BUNDLES_DIR) -> list[str]
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``: readers never see a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_weights(network: torch.nn.Module, path: str | os.PathLike) -> None:
@@ -75,10 +66,7 @@ def _write_config(src: Path, dst: Path, overrides: dict[str, Any]) -> None:
     for key, value in overrides.items():
         if key.split("#", 1)[0] in parser.config:  # only keys this config has (inference vs train)
             parser[key] = value
-    tmp = dst.with_suffix(".json.partial")
-    with open(tmp, "w") as f:
-        json.dump(parser.config, f, indent=4)
-    os.replace(tmp, dst)
+    atomic_write(dst, lambda tmp: Path(tmp).write_text(json.dumps(parser.config, indent=4)))
 
 
 def prepare_bundle(
@@ -129,8 +117,7 @@ def prepare_bundle(
     if not served.is_file():
         trained = src / "models" / "model.pt"
         if init_weights == "bundle" and trained.is_file():
-            shutil.copyfile(trained, served.with_suffix(".pt.partial"))
-            os.replace(served.with_suffix(".pt.partial"), served)
+            atomic_write(served, lambda tmp: shutil.copyfile(trained, tmp))
             logger.info("%s: serving the bundle's trained weights %s", name, trained)
         else:
             atomic_torch_save(network.state_dict(), served)

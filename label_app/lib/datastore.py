@@ -17,8 +17,8 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -27,6 +27,8 @@ from fastapi import HTTPException
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
+
+from guidino_monai.utils import atomic_write
 
 __all__ = ["GuidedLocalDatastore", "check_id", "check_nifti"]
 
@@ -68,17 +70,7 @@ def check_nifti(path: str, what: str, shape: tuple[int, ...] | None = None, inte
 
 
 def _atomic_copy(src: str, dest: str) -> None:
-    folder = os.path.dirname(dest)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".partial", dir=folder)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
 
 
 class GuidedLocalDatastore(LocalDatastore):
@@ -178,11 +170,7 @@ class GuidedLocalDatastore(LocalDatastore):
         def write() -> None:
             self._ignore_event_config = True
             text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-            folder = os.path.dirname(self._datastore_config_path)
-            fd, tmp = tempfile.mkstemp(prefix=".datastore.", suffix=".partial", dir=folder)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, self._datastore_config_path)
+            atomic_write(self._datastore_config_path, lambda tmp: Path(tmp).write_text(text))
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
         if lock:

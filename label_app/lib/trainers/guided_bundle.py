@@ -28,6 +28,8 @@ from monai.transforms import AsDiscrete
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
 
+from guidino_monai.utils import atomic_write
+
 from ..bundles import atomic_torch_save, load_weights
 
 __all__ = ["GuidedBundleTrainTask", "split_labels"]
@@ -161,9 +163,8 @@ class GuidedBundleTrainTask(BundleTrainTask):
         after = self._val_dice(wf, candidate)
         swapped = after >= before
         if swapped:
-            tmp = self.served.with_name(".model.pt.incoming")
-            shutil.copyfile(candidate, tmp)
-            os.replace(tmp, self.served)  # the inference task reloads on the new mtime
+            # the inference task reloads on the new mtime
+            atomic_write(self.served, lambda tmp: shutil.copyfile(candidate, tmp))
         result = {
             "model": request.get("model"),
             "train_cases": len(train),
@@ -184,7 +185,5 @@ class GuidedBundleTrainTask(BundleTrainTask):
             except ValueError:
                 history = []
         history.append(result)
-        tmp = self.history_file.with_name(".train_history.json.partial")
-        tmp.write_text(json.dumps(history, indent=2))
-        os.replace(tmp, self.history_file)
+        atomic_write(self.history_file, lambda tmp: Path(tmp).write_text(json.dumps(history, indent=2)))
         return result
