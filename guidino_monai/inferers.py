@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import BlendMode, PytorchPadMode, fall_back_tuple
 
-from .networks.blocks.guide import coords_to_grid, resample_guide, sample_guide
+from .networks.blocks.guide import crop_guide, resample_guide
 
 __all__ = ["GuidedSlidingWindowInferer", "unwrap_network"]
 
@@ -42,8 +42,9 @@ class GuidedSlidingWindowInferer(Inferer):
 
     For a guided network the guide mask is computed once on the whole image (one batched ViT call over all its
     slices, with intensity scaling taken from the whole volume rather than each window) at its token resolution;
-    each window samples its part of it (``grid_sample`` at the window's voxels, as in training with cached tokens),
-    so a window only runs the backbone and no full-resolution guide volume is ever made.
+    each window gets its part of it resampled to the window's voxels (:func:`~guidino_monai.networks.crop_guide`: a
+    separable linear resampling, equal to resampling the whole guide to the image and cropping), so a window only runs
+    the backbone and no full-resolution guide volume is ever made.
     A plain network (``use_guide=False`` or any MONAI network) gets ordinary sliding-window inference.
 
     Args:
@@ -118,10 +119,9 @@ class GuidedSlidingWindowInferer(Inferer):
                 guides = []
                 for win in windows:
                     b = win[0].start
-                    axes = [torch.arange(w.start - o, w.stop - o, dtype=torch.float32, device=low_flip.device)
-                            for w, o in zip(win[2:], offsets)]  # fmt: skip
-                    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
-                    guides.append(sample_guide(low_flip[b : b + 1], coords_to_grid(coords, spatial)))
+                    start = [w.start - o for w, o in zip(win[2:], offsets)]
+                    size = [w.stop - w.start for w in win[2:]]
+                    guides.append(crop_guide(low_flip[b : b + 1], start, size, spatial))
                 return network(x, *a, guide=torch.cat(guides).to(x.dtype), **k)
 
         else:

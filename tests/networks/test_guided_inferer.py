@@ -12,7 +12,7 @@ from parameterized import parameterized
 from testing_utils import SMALL_VIT, quiet_random_init_warning
 
 from guidino_monai.inferers import GuidedSlidingWindowInferer
-from guidino_monai.networks import GuidedSegResNet, GuidedUNet, resample_guide
+from guidino_monai.networks import GuidedSegResNet, GuidedUNet, coords_to_grid, crop_guide, resample_guide, sample_guide
 
 quiet_random_init_warning()
 
@@ -30,6 +30,31 @@ def reference(net, image, roi, mirror_axes=()):
                                        mode="gaussian")  # fmt: skip
         total = total + (torch.flip(out, dims) if dims else out)
     return total / len(flips), full
+
+
+class TestCropGuide(unittest.TestCase):
+    @parameterized.expand(
+        [
+            ((8, 8, 24), (64, 128, 24), (24, 48, 0), (32, 32, 24)),  # inside, slice axis 1:1
+            ((5, 7, 29), (40, 37, 29), (-3, 10, 8), (24, 24, 16)),  # partly outside (padded windows)
+            ((16, 16), (70, 53), (-5, 30), (32, 32)),  # 2D
+        ]
+    )
+    def test_equals_resample_then_crop(self, grid, full, start, size):
+        torch.manual_seed(0)
+        low = torch.rand(2, 1, *grid, dtype=torch.float64)
+        out = crop_guide(low, start, size, full)
+        self.assertEqual(tuple(out.shape), (2, 1, *size))
+        # reference 1: the full-resolution guide, border-padded, cropped
+        ref = resample_guide(low, full)
+        pad = [p for s, z, n in reversed(list(zip(start, size, full))) for p in (max(0, -s), max(0, s + z - n))]
+        ref = torch.nn.functional.pad(ref, pad, mode="replicate")
+        box = tuple(slice(s + max(0, -s), s + max(0, -s) + z) for s, z in zip(start, size))
+        torch.testing.assert_close(out, ref[(..., *box)], rtol=0, atol=1e-12)
+        # reference 2: grid_sample at the box's voxels (what the inferer used before)
+        axes = [torch.arange(s, s + z, dtype=torch.float64) for s, z in zip(start, size)]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(2, *([-1] * (len(full) + 1)))
+        torch.testing.assert_close(out, sample_guide(low, coords_to_grid(coords, full)), rtol=0, atol=1e-10)
 
 
 class TestGuidedInferer(unittest.TestCase):

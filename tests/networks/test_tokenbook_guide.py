@@ -142,5 +142,45 @@ class TestGuideBranchInput(unittest.TestCase):
         self.assertFalse(tokens.requires_grad, "a frozen ViT runs without autograd")
 
 
+class TestGuideBranchSpeedOptions(unittest.TestCase):
+    def test_blocks_after_feature_index_not_run(self):
+        torch.manual_seed(0)
+        branch = GuideBranch(2, 1, backbone_kwargs={"depth": 4}, guide_size=28, feature_index=1).eval()
+        ran = []
+        for i, blk in enumerate(branch.backbone.blocks):
+            blk.register_forward_hook(lambda *a, i=i: ran.append(i))
+        x = torch.rand(2, 1, 30, 30)
+        with torch.no_grad():
+            tokens = branch.encode(x)
+            self.assertEqual(ran, [0, 1])  # encode stopped after block 1
+            full = branch.backbone.forward_intermediates(
+                branch.to_dino_input(branch.scale_intensity(x)), indices=[1], intermediates_only=True
+            )[0]
+        self.assertEqual(ran, [0, 1, 0, 1, 2, 3])  # the reference ran all four blocks
+        torch.testing.assert_close(tokens, full, rtol=0, atol=0)
+
+    def test_vit_dtype_bf16_within_tolerance(self):
+        torch.manual_seed(0)
+        ref = GuideBranch(3, 1, backbone_kwargs=SMALL_VIT, guide_size=28).eval()
+        bf16 = GuideBranch(3, 1, backbone_kwargs=SMALL_VIT, guide_size=28, vit_dtype="bfloat16").eval()
+        bf16.load_state_dict(ref.state_dict())
+        seen = []
+        bf16.backbone.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        x = torch.rand(1, 1, 20, 24, 6)
+        with torch.no_grad():
+            t_ref, t_bf16 = ref.encode(x), bf16.encode(x)
+            g_ref, g_bf16 = ref(x), bf16(x)
+        self.assertEqual(seen[0], torch.bfloat16)  # the ViT's matmuls really ran in bf16
+        self.assertEqual(t_bf16.dtype, torch.float32)  # and the tokens come back in the input's precision
+        self.assertFalse(torch.equal(t_ref, t_bf16))
+        rel = float((t_bf16 - t_ref).norm() / t_ref.norm())
+        self.assertLess(rel, 2e-2)
+        torch.testing.assert_close(g_bf16, g_ref, rtol=0, atol=2e-2)
+
+    def test_vit_dtype_ill_value(self):
+        with self.assertRaisesRegex(ValueError, "vit_dtype"):
+            GuideBranch(2, 1, backbone_kwargs=SMALL_VIT, vit_dtype="int8")
+
+
 if __name__ == "__main__":
     unittest.main()

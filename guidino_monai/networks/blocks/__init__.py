@@ -11,7 +11,16 @@
 
 from __future__ import annotations
 
-from .guide import GateMode, GuideBranch, IntensityScaling, coords_to_grid, gate_features, resample_guide, sample_guide
+from .guide import (
+    GateMode,
+    GuideBranch,
+    IntensityScaling,
+    coords_to_grid,
+    crop_guide,
+    gate_features,
+    resample_guide,
+    sample_guide,
+)
 from .tokenbook import TokenBook
 
 __all__ = [
@@ -20,6 +29,7 @@ __all__ = [
     "IntensityScaling",
     "TokenBook",
     "coords_to_grid",
+    "crop_guide",
     "gate_features",
     "resample_guide",
     "sample_guide",
