@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import BlendMode, PytorchPadMode, fall_back_tuple
 
-from .networks.blocks.guide import crop_guide, resample_guide
+from .networks.blocks.guide import crop_guide, resample_guide, resample_matrix
 
 __all__ = ["GuidedSlidingWindowInferer", "unwrap_network"]
 
@@ -55,6 +56,10 @@ class GuidedSlidingWindowInferer(Inferer):
         return_guide: return ``(logits, guide)`` with the guide at image resolution (``None`` for plain networks).
         guide_once: compute the guide once per image (default). ``False`` lets the network compute it per window
             (the reference path, for comparison).
+        skip_unread_slices: 3D, guide once per image: run the ViT only on the slices that some window's guide is read
+            from (default ``True``). A network gating at its bottleneck reads the guide on a grid 8-16x coarser than
+            the window, so along the slice axis most slices' guide values are never used; the outputs are the same
+            as with every slice computed. Needs the network's ``guide_read_sizes``; ``return_guide`` computes all.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class GuidedSlidingWindowInferer(Inferer):
         mirror_axes: Sequence[int] = (),
         return_guide: bool = False,
         guide_once: bool = True,
+        skip_unread_slices: bool = True,
     ) -> None:
         super().__init__()
         self.roi_size = roi_size
@@ -82,12 +88,48 @@ class GuidedSlidingWindowInferer(Inferer):
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
         self.return_guide = return_guide
         self.guide_once = guide_once
+        self.skip_unread_slices = skip_unread_slices
 
     def _flips(self) -> list[tuple[int, ...]]:
         combos: list[tuple[int, ...]] = [()]
         for r in range(1, len(self.mirror_axes) + 1):
             combos.extend(itertools.combinations(self.mirror_axes, r))
         return combos
+
+    def read_guide_slices(self, net: nn.Module, spatial: Sequence[int], roi: Sequence[int]) -> list[int] | None:
+        """Indices of the guide slices that some window of this inference reads, or ``None`` for all of them.
+
+        Along the slice axis a window's guide is the separable linear resampling of the whole-image guide
+        (:func:`crop_guide`), then the network resamples it (linearly) to the grids of ``guide_read_sizes``: a
+        guide slice matters iff it has a nonzero weight in that product for some window. The windows' extents along
+        the slice axis come from ``sliding_window_inference`` itself, run on a 1-voxel-wide proxy of the image.
+        """
+        guide = getattr(net, "guide", None)
+        if not self.skip_unread_slices or len(spatial) != 3 or not hasattr(net, "guide_read_sizes") or guide is None:
+            return None
+        axis, size = guide.slice_axis, int(spatial[guide.slice_axis])
+        n_low = -(-size // guide.slice_stride)
+        extents: set[tuple[int, int]] = set()
+
+        def record(x: torch.Tensor, windows: list, *a: Any, **k: Any) -> torch.Tensor:
+            extents.update((int(w[2 + axis].start), int(w[2 + axis].stop)) for w in windows)
+            return x
+
+        proxy_roi = [roi[d] if d == axis else 1 for d in range(3)]
+        proxy = torch.zeros(1, 1, *[size if d == axis else 1 for d in range(3)])
+        sliding_window_inference(proxy, proxy_roi, 64, record, overlap=self.sw_kwargs["overlap"], with_coord=True)
+        read_sizes = [int(s[axis]) for s in net.guide_read_sizes(roi)]
+        needed = torch.zeros(n_low, dtype=torch.bool)
+        offset = max(int(roi[axis]) - size, 0) // 2
+        for start, stop in extents:
+            weights = resample_matrix(n_low, size, start - offset, stop - start, torch.device("cpu")).float()
+            for m in read_sizes:  # the network's own resampling of the window's guide, as a matrix (m, window)
+                eye = torch.eye(stop - start, dtype=torch.float32)[None]
+                resample = F.interpolate(eye, size=m, mode="linear", align_corners=False)[0].T
+                needed |= ((resample @ weights) != 0).any(0)
+        if axis in self.mirror_axes:  # a mirrored pass reads the mirrored slices of the guide
+            needed |= needed.flip(0)
+        return None if bool(needed.all()) else needed.nonzero().flatten().tolist()
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> Any:
         """
@@ -103,13 +145,14 @@ class GuidedSlidingWindowInferer(Inferer):
             raise ValueError(f"mirror_axes {self.mirror_axes} out of range for {spatial_dims} spatial dims.")
         net = unwrap_network(network)
         guided = bool(getattr(net, "use_guide", False)) and getattr(net, "guide", None) is not None
-        low = None
-        if guided and (self.guide_once or self.return_guide):
-            plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # no metadata tracking in the ViT
-            low = net.guide(plain)  # (B, 1, *token grid): one ViT pass over all slices of the image
         spatial = tuple(int(n) for n in inputs.shape[2:])
         roi = fall_back_tuple(self.roi_size, spatial)
         offsets = [max(r - n, 0) // 2 for r, n in zip(roi, spatial)]  # sliding_window_inference's own padding
+        low = None
+        if guided and (self.guide_once or self.return_guide):
+            plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # no metadata tracking in the ViT
+            slices = None if self.return_guide or not self.guide_once else self.read_guide_slices(net, spatial, roi)
+            low = net.guide(plain, slices=slices)  # (B, 1, *token grid): one ViT pass over (the read) slices
         sw_kwargs = dict(self.sw_kwargs)
         if guided and self.guide_once:
             sw_kwargs["with_coord"] = True

@@ -18,8 +18,8 @@ class TestGuideOverheadScript(unittest.TestCase):
     def test_tiny_run_writes_rows(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "rows.json"
-            cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--size", "tiny", "--vit_depth", "1",
-                   "--nets", "unet2d", "segresnet3d", "--repeats", "1", "--warmup", "0", "--json", str(out)]  # fmt: skip
+            args = "--device cpu --size tiny --vit_depth 1 --nets unet2d segresnet3d --repeats 1 --warmup 0 --json"
+            cmd = [sys.executable, str(SCRIPT), *args.split(), str(out)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
             rows = json.loads(out.read_text())
@@ -37,7 +37,9 @@ class TestGuideOverheadScript(unittest.TestCase):
             self.assertAlmostEqual(r["ratio"], r["guided_ms"] / r["plain_ms"], delta=2e-3)
             self.assertGreater(r["plain_peak_mb"], 0)  # CPU peak from the profiler's allocation events
             self.assertGreater(r["guided_peak_mb"], 0)
-            self.assertAlmostEqual(r["mem_ratio"], r["guided_peak_mb"] / r["plain_peak_mb"], delta=0.05 * r["mem_ratio"])
+            self.assertAlmostEqual(
+                r["mem_ratio"], r["guided_peak_mb"] / r["plain_peak_mb"], delta=0.05 * r["mem_ratio"]
+            )
 
 
 if __name__ == "__main__":

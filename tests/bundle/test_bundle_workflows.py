@@ -96,8 +96,12 @@ class TestBundleWorkflows(unittest.TestCase):
         bundle = self.bundles[name]
         images = sorted((bundle / "demo_data" / "imagesTr").glob("*.nii.gz"))[:2]
         out = bundle / "eval" / "infer_test"
-        run_workflow(bundle, ["inference.json"], workflow_type="infer", input_files=[str(p) for p in images],
-                     output_dir=str(out), save_guide=True, tta_axes=[0], **infer_overrides(name))  # fmt: skip
+        # the 3D bundle runs its ViT in bf16 here (`--guide_kwargs#vit_dtype bfloat16`, the CPU speed option)
+        vit = {"guide_kwargs#vit_dtype": "bfloat16"} if name == HIPPO else {}
+        files = [str(p) for p in images]
+        wf = run_workflow(bundle, ["inference.json"], workflow_type="infer", input_files=files, output_dir=str(out),
+                          save_guide=True, tta_axes=[0], **infer_overrides(name), **vit)  # fmt: skip
+        self.assertEqual(wf.parser.get_parsed_content("network").guide.vit_dtype, torch.bfloat16 if vit else None)
         for img in images:
             stem = img.name[: -len(".nii.gz")]
             seg = nib.load(str(out / f"{stem}_seg.nii.gz"))

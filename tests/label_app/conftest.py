@@ -105,6 +105,7 @@ class Server(Service):
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(model_dir.parent))
 
+
 @pytest.fixture(scope="module")
 def monailabel_ready():
     pytest.importorskip("monailabel", reason="MONAI Label is an optional extra: pip install -e .[label]")

@@ -50,6 +50,28 @@ class TestGuideCache(unittest.TestCase):
             b, _ = net(x, guide=ref)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
+    def test_bf16_autocast_matches_reference(self):
+        """Under bf16 autocast (as on GPU), the cached path's training outputs stay within bf16 tolerance of the
+        reference path (whole-volume guide resampled, cropped, given to the network) run in fp32."""
+        torch.manual_seed(0)
+        net = make(3).train()
+        vol = torch.rand(1, 1, 24, 40, 20)
+        with torch.no_grad():
+            tokens = net.guide.encode(vol)
+            full = resample_guide(net.guide.tokens_to_guide(tokens, 1), vol.shape[2:])
+        d = AddCoordinatesd("image")({"image": vol[0]})
+        sl = (slice(5, 21), slice(9, 33), slice(7, 15))
+        grid = coords_to_grid(d["coords"][(slice(None), *sl)][None], d["coords_source_shape"].tolist())
+        x = vol[(slice(None), slice(None), *sl)]
+        with torch.no_grad():
+            ref_logits, ref_guide = net(x, guide=full[(slice(None), slice(None), *sl)])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits, guide = net(x, tokens=[tokens.half()], grid=grid)  # fp16 cache, bf16 compute
+        self.assertEqual(logits.dtype, torch.bfloat16)
+        torch.testing.assert_close(guide.float(), ref_guide, rtol=0, atol=1e-2)
+        rel = float((logits.float() - ref_logits).norm() / ref_logits.norm())
+        self.assertLess(rel, 3e-2)
+
     def test_prepare_batch_runs_vit_once_per_volume(self):
         torch.manual_seed(0)
         net = make(3)

@@ -77,6 +77,97 @@ class TestGuidedInferer(unittest.TestCase):
         torch.testing.assert_close(guide.as_tensor(), ref_guide, rtol=1e-5, atol=1e-6)
         self.assertIsInstance(guide, MetaTensor)
 
+    @parameterized.expand([("autocast",), ("vit_dtype",)])
+    def test_bf16_within_tolerance_of_fp32_reference(self, mode):
+        """The optimised inference path in bf16 (everything under autocast, as on GPU; or only the ViT, ``vit_dtype``)
+        against the reference path in fp32."""
+        torch.manual_seed(0)
+        net = GuidedSegResNet(3, 8, 1, 3, guide_backbone_kwargs=SMALL_VIT, guide_kwargs={"guide_size": 28}).eval()
+        image, roi = torch.rand(1, 1, 40, 37, 29), (24, 24, 16)
+        with torch.no_grad():
+            ref_logits, ref_guide = reference(net, image, roi)
+        inferer = GuidedSlidingWindowInferer(roi, sw_batch_size=2, overlap=0.25, return_guide=True)
+        if mode == "vit_dtype":
+            net.guide.vit_dtype = torch.bfloat16
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            logits, guide = inferer(image, net)
+        self.assertFalse(torch.equal(guide, ref_guide))  # bf16 really ran
+        torch.testing.assert_close(guide.float(), ref_guide, rtol=0, atol=1e-2)
+        rel = float((logits.float() - ref_logits).norm() / ref_logits.norm())
+        self.assertLess(rel, 3e-2 if mode == "autocast" else 5e-3)
+
+    @parameterized.expand(
+        [
+            ("unet", {}, (), (1, 1, 30, 26, 45), (16, 16, 16), True),  # several windows along the slice axis
+            ("segresnet", {}, (2,), (2, 1, 20, 24, 37), (16, 16, 24), True),  # mirrored along the slice axis, batch 2
+            ("segresnet", {}, (), (1, 1, 20, 18, 12), (16, 16, 16), True),  # padded: image thinner than the ROI
+            # every second slice only: each guide slice is read by some window, so all are computed
+            ("unet", {"slice_axis": 0, "slice_stride": 2}, (0, 1), (1, 1, 41, 20, 18), (16, 16, 16), False),
+        ]
+    )
+    def test_skipping_unread_slices_keeps_outputs(self, kind, guide_kw, mirror_axes, shape, roi, fewer):
+        torch.manual_seed(0)
+        kw = {"guide_backbone_kwargs": SMALL_VIT, "guide_kwargs": {"guide_size": 28, **guide_kw}}
+        if kind == "unet":
+            net = GuidedUNet(3, 1, 2, (4, 8, 16), (2, 2), **kw).eval()  # bottleneck at 1/4
+        else:
+            net = GuidedSegResNet(3, 8, 1, 2, blocks_down=(1, 1, 1, 1), blocks_up=(1, 1, 1), **kw).eval()  # 1/8
+        image = torch.rand(*shape)
+        encoded = []
+        net.guide.backbone.patch_embed.register_forward_hook(lambda m, i, o: encoded.append(i[0].shape[0]))
+        kwargs = dict(sw_batch_size=2, overlap=0.25, mirror_axes=mirror_axes)
+        full = GuidedSlidingWindowInferer(roi, skip_unread_slices=False, **kwargs)
+        lazy = GuidedSlidingWindowInferer(roi, **kwargs)
+        with torch.no_grad():
+            ref = full(image, net)
+            out = lazy(image, net)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        n_slices = -(-shape[2 + net.guide.slice_axis] // net.guide.slice_stride)
+        self.assertEqual(encoded[0], shape[0] * n_slices)
+        read = lazy.read_guide_slices(net, shape[2:], roi)
+        if not fewer:
+            self.assertIsNone(read)
+            self.assertEqual(encoded[1], encoded[0])
+            return
+        self.assertEqual(encoded[1], shape[0] * len(read))
+        self.assertLess(encoded[1], encoded[0])  # fewer slices through the ViT, same outputs
+        # negative control: leaving out one slice that is read changes the outputs
+        lazy.read_guide_slices = lambda *a: read[1:]
+        with torch.no_grad():
+            wrong = lazy(image, net)
+        self.assertGreater(float((wrong - ref).abs().max()), 1e-4)
+
+    @parameterized.expand([("unet", "bottleneck"), ("unet", "decoder"), ("segresnet", "bottleneck"),
+                           ("segresnet", "input"), ("segresnet", "decoder")])  # fmt: skip
+    def test_guide_read_sizes_cover_the_gates(self, kind, gate_at):
+        import guidino_monai.networks.nets.guided_segresnet as seg_mod
+        import guidino_monai.networks.nets.guided_unet as unet_mod
+
+        kw = {"guide_backbone_kwargs": SMALL_VIT, "guide_kwargs": {"guide_size": 28}, "gate_at": gate_at}
+        if kind == "unet":
+            net, mod = GuidedUNet(3, 1, 2, (4, 8, 16, 32), (2, 2, 2), **kw).eval(), unet_mod
+        else:
+            net, mod = GuidedSegResNet(3, 8, 1, 2, **kw).eval(), seg_mod
+        seen = []
+        real = mod.gate_features
+
+        def spy(x, guide, residual=True):
+            seen.append(tuple(x.shape[2:]))
+            return real(x, guide, residual)
+
+        mod.gate_features = spy
+        try:
+            with torch.no_grad():
+                net(torch.rand(1, 1, 32, 24, 40))
+        finally:
+            mod.gate_features = real
+        declared = net.guide_read_sizes((32, 24, 40))
+        self.assertTrue(seen)
+        if gate_at == "bottleneck":
+            self.assertEqual(set(seen), set(declared))
+        else:  # an upper bound: every grid read is at most the declared one
+            self.assertTrue(all(all(a <= b for a, b in zip(s, declared[0])) for s in seen), (seen, declared))
+
     def test_vit_once_per_image(self):
         net = GuidedSegResNet(3, 8, 1, 3, guide_backbone_kwargs=SMALL_VIT, guide_kwargs={"guide_size": 28}).eval()
         calls = []

@@ -93,7 +93,7 @@ def sample_guide(guide: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(guide, grid.to(guide.dtype), mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _linear_weights(n_src: int, n_full: int, start: int, length: int, device: torch.device) -> torch.Tensor:
+def resample_matrix(n_src: int, n_full: int, start: int, length: int, device: torch.device) -> torch.Tensor:
     """``(length, n_src)`` weights of 1D linear resampling (``align_corners=False``, border clamping) of ``n_src``
     samples to ``n_full``, rows ``start .. start + length - 1`` (which may lie outside ``0 .. n_full - 1``)."""
     c = torch.arange(start, start + length, dtype=torch.float64, device=device)
@@ -119,7 +119,7 @@ def crop_guide(
     voxel of the box (the sliding-window inferer's per-window guide)."""
     out = guide[:, 0]
     for d in range(len(full_shape)):  # each contraction moves the new axis to the end: after all, the order is back
-        w = _linear_weights(int(guide.shape[2 + d]), int(full_shape[d]), int(start[d]), int(size[d]), guide.device)
+        w = resample_matrix(int(guide.shape[2 + d]), int(full_shape[d]), int(start[d]), int(size[d]), guide.device)
         out = torch.tensordot(out, w.to(guide.dtype), dims=([1], [1]))
     return out.unsqueeze(1)
 
@@ -308,7 +308,15 @@ class GuideBranch(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> DINO patch tokens ``(B * D', E, h, w)`` (one ViT call for all slices of the batch)."""
-        dino_in = self.to_dino_input(self.to_slices(self.scale_intensity(x)))
+        return self.encode_slices(self.to_slices(self.scale_intensity(x)))
+
+    def num_guide_slices(self, x: torch.Tensor) -> int:
+        """``D'``: how many slices of the 3D batch ``x`` the guide has (``ceil(size / slice_stride)``)."""
+        return -(-int(x.shape[2 + self.slice_axis]) // self.slice_stride)
+
+    def encode_slices(self, slices: torch.Tensor) -> torch.Tensor:
+        """2D slices ``(N, C, H, W)`` already scaled to ``[0, 1]`` -> DINO patch tokens ``(N, E, h, w)``."""
+        dino_in = self.to_dino_input(slices)
         grad = self.lora_rank > 0 and torch.is_grad_enabled()
         amp = self.vit_dtype is not None and not torch.jit.is_tracing()
         with torch.set_grad_enabled(grad), torch.autocast(dino_in.device.type, dtype=self.vit_dtype, enabled=amp):
@@ -346,14 +354,31 @@ class GuideBranch(nn.Module):
             out.append(sample_guide(g, grid[i : i + 1]))
         return torch.cat(out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slices: Sequence[int] | None = None) -> torch.Tensor:
         """
         Args:
             x: ``(B, C, H, W)`` or ``(B, C, X, Y, Z)`` image of any intensity range.
+            slices: 3D only: compute the guide on these of its ``D'`` slices only (indices into the guide's slice
+                axis), leaving the others at 0. Intensity scaling still uses the whole volume, so each computed slice
+                equals the same slice of the full guide. ``None`` (default) computes all. The sliding-window inferer
+                uses this to skip slices that no window reads (see :meth:`GuidedSegResNet.guide_read_sizes`).
 
         Returns:
             guide mask ``(B, 1, h, w)`` or ``(B, 1, ...)`` (slice axis in place) with values in ``[0, 1]``.
         """
         if not torch.jit.is_tracing() and not torch.jit.is_scripting():
             self.check_input(x)
-        return self.tokens_to_guide(self.encode(x), x.shape[0])
+        if slices is None or self.spatial_dims == 2:
+            return self.tokens_to_guide(self.encode(x), x.shape[0])
+        n = self.num_guide_slices(x)
+        idx = sorted({int(i) for i in slices})
+        if any(i < 0 or i >= n for i in idx):
+            raise ValueError(f"guide slice indices must lie in [0, {n}), got {idx}.")
+        batch = x.shape[0]
+        h, w = self.token_grid
+        out = torch.zeros(batch, n, h, w, dtype=self.pixel_mean.dtype, device=x.device)
+        if idx:
+            v = self.scale_intensity(x).movedim(2 + self.slice_axis, 1)[:, :: self.slice_stride][:, idx]
+            g = self.token_book(self.encode_slices(v.reshape(-1, *v.shape[2:])))  # (B * k, 1, h, w)
+            out[:, idx] = g.reshape(batch, len(idx), h, w).to(out.dtype)
+        return out.unsqueeze(1).movedim(2, 2 + self.slice_axis)

@@ -103,6 +103,14 @@ class GuideOptions:
             **dict(guide_kwargs or {}),
         )
 
+    def guide_read_sizes(self, spatial_size: Sequence[int]) -> list[tuple[int, ...]]:
+        """Grids at which a guide given for an input of ``spatial_size`` is read (resampled to gate features): the
+        bottleneck's for ``gate_at="bottleneck"``; the input's for ``"input"`` and, as an upper bound, ``"decoder"``.
+        Lets the sliding-window inferer skip guide slices that no window reads."""
+        if self.gate_at == GateAt.BOTTLENECK:
+            return [tuple(int(s) // self.size_divisor for s in spatial_size)]
+        return [tuple(int(s) for s in spatial_size)]
+
     def compute_guide(
         self,
         x: torch.Tensor,
