@@ -11,7 +11,7 @@ from parameterized import parameterized
 from testing_utils import SMALL_VIT, quiet_random_init_warning
 
 from guidino_monai.engines import CachedGuidePrepareBatch
-from guidino_monai.networks import GuidedSegResNet, GuidedUNet, coords_to_grid, resample_guide
+from guidino_monai.networks import GuidedSegResNet, GuidedUNet, coords_to_grid, resample_guide, sample_guide
 from guidino_monai.transforms import AddCoordinatesd
 
 quiet_random_init_warning()
@@ -49,6 +49,39 @@ class TestGuideCache(unittest.TestCase):
             a, _ = net(x, tokens=[tokens], grid=grid)
             b, _ = net(x, guide=ref)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    @parameterized.expand(
+        [
+            (3, 2, (60, 64, 30), (5, 40, 11), (16, 16, 8), 2),  # interior crop, flipped along axis 2
+            (3, 0, (30, 64, 60), (0, 0, 50), (12, 20, 16), 1),  # at the volume's corner (border clamping)
+            (3, 1, (40, 33, 50), (20, 17, 30), (20, 16, 20), 0),  # reaching the far ends
+            (2, 2, (120, 100), (70, 3), (40, 32), 1),
+        ]
+    )
+    def test_token_box_equals_whole_volume_guide(self, dims, axis, shape, start, roi, flip_axis):
+        """The TokenBook runs only on the part of the token grid a crop reads; the crop's guide is unchanged."""
+        torch.manual_seed(0)
+        kw = {"guide_size": 56} if dims == 2 else {"guide_size": 56, "slice_axis": axis}
+        if dims == 3:
+            net = GuidedSegResNet(3, 8, 1, 3, guide_backbone_kwargs=SMALL_VIT, guide_kwargs=kw).train()
+        else:
+            net = GuidedUNet(2, 1, 3, (8, 16), (2,), guide_backbone_kwargs=SMALL_VIT, guide_kwargs=kw).train()
+        vol = torch.rand(1, 1, *shape)
+        with torch.no_grad():
+            tokens = net.guide.encode(vol)
+        d = AddCoordinatesd("image")({"image": vol[0]})
+        sl = tuple(slice(s, s + r) for s, r in zip(start, roi))
+        coords = d["coords"][(slice(None), *sl)].flip(1 + flip_axis)
+        grid = coords_to_grid(coords[None], shape)
+        seen = []
+        hook = net.guide.token_book.register_forward_hook(lambda m, i, o: seen.append(i[0].numel()))
+        got = net.guide.guide_from_tokens([tokens], grid)
+        hook.remove()
+        ref = sample_guide(net.guide.tokens_to_guide(tokens, 1), grid)  # the TokenBook on the whole volume
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        self.assertLessEqual(seen[0], tokens.numel())
+        if dims == 3 and axis == 2:
+            self.assertLess(seen[0], tokens.numel() // 2)  # a 8-slice crop of 30 slices: a fraction of the tokens
 
     def test_bf16_autocast_matches_reference(self):
         """Under bf16 autocast (as on GPU), the cached path's training outputs stay within bf16 tolerance of the

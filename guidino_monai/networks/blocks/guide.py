@@ -350,9 +350,37 @@ class GuideBranch(nn.Module):
             raise ValueError(f"got {len(tokens)} token maps for a batch of {grid.shape[0]}.")
         out = []
         for i, t in enumerate(tokens):
-            g = self.tokens_to_guide(t.to(self.pixel_mean.dtype), batch=1)
-            out.append(sample_guide(g, grid[i : i + 1]))
+            # the TokenBook is per token: run it only on the box of the token grid that the crop's grid reads
+            # (a crop of a large volume reads a small part of it), and sample that box with the grid re-based on it
+            t, g = self._token_box(t, grid[i : i + 1])
+            out.append(sample_guide(self.tokens_to_guide(t.to(self.pixel_mean.dtype), batch=1), g))
         return torch.cat(out)
+
+    def _token_box(self, tokens: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of a volume's token maps ``(D', E, h, w)`` that bilinear sampling at ``grid (1, *crop, dims)``
+        reads (border clamping included), and the grid expressed in that part's own normalised coordinates."""
+        dims = grid.shape[-1]
+        if dims == 3:  # guide axes in volume order: the slice axis in place, the token grid in the other two
+            sizes = [tokens.shape[2], tokens.shape[3]]
+            sizes.insert(self.slice_axis, tokens.shape[0])
+        else:
+            sizes = [tokens.shape[2], tokens.shape[3]]
+        new_grid, box = [], []
+        for d, n in enumerate(sizes):
+            x = grid[..., dims - 1 - d].double()  # grid_sample's last axis is x (the last spatial dim)
+            u = ((x + 1.0) * n - 1.0) / 2.0  # guide index (align_corners=False)
+            lo = int(min(max(math.floor(float(u.min())), 0), n - 1))
+            hi = int(min(max(math.floor(float(u.max())) + 1, 0), n - 1))
+            box.append((lo, hi + 1))
+            new_grid.append((2.0 * (u - lo) + 1.0) / (hi + 1 - lo) - 1.0)
+        if dims == 3:
+            order = [d for d in range(3) if d != self.slice_axis]
+            (s0, s1), (a0, a1), (b0, b1) = box[self.slice_axis], box[order[0]], box[order[1]]
+            tokens = tokens[s0:s1, :, a0:a1, b0:b1]
+        else:
+            (a0, a1), (b0, b1) = box
+            tokens = tokens[:, :, a0:a1, b0:b1]
+        return tokens, torch.stack(new_grid[::-1], -1).to(grid.dtype)
 
     def forward(self, x: torch.Tensor, slices: Sequence[int] | None = None) -> torch.Tensor:
         """
