@@ -21,7 +21,8 @@ the frozen ViT in bf16 while the backbone stays fp32; CPU only, as on CUDA every
 autocast), ``guided_per_step`` / ``guided_per_window`` (the ViT inside every step / window: the path without the
 caching levers) and, with ``--naive``, ``guided_naive`` (per step / window, gating the input at full resolution).
 
-Each case runs warm-up iterations, then the median of ``--repeats`` timed ones (CUDA events on GPU). Peak memory is
+Each case builds all its variants, runs their warm-up iterations, then times them interleaved (plain, guided, ...,
+plain, guided, ...) and reports the median of ``--repeats`` per variant (CUDA events on GPU). Peak memory is
 the peak of tensor memory allocated during one run above what was allocated before it: ``torch.cuda``'s counter on
 GPU, the profiler's allocation events on CPU (``profile_memory=True``; one extra, untimed run).
 
@@ -70,33 +71,46 @@ def cpu_peak_mb(fn: Callable[[], None]) -> float:
     return peak / 2**20
 
 
-def timed(
-    fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, memory: bool = True
-) -> tuple[float, float | None]:
-    """Median milliseconds of ``fn`` over ``repeats`` timed runs after ``warmup`` ones, and its peak memory (MB;
-    ``None`` when ``memory`` is off on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def time_once(fn: Callable[[], None], device: torch.device) -> float:
+    """Milliseconds of one call (CUDA events on GPU)."""
     if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
+def peak_mb(fn: Callable[[], None], device: torch.device) -> float:
+    """Peak tensor memory (MB) allocated during one call, above what was allocated before it."""
+    if device.type != "cuda":
+        return cpu_peak_mb(fn)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def timed(
+    fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int, memory: bool = True
+) -> dict[str, tuple[float, float | None]]:
+    """Per variant: median milliseconds over ``repeats`` timed calls after ``warmup`` ones, and the peak memory (MB;
+    ``None`` when ``memory`` is off). The variants are timed interleaved (plain, guided, ..., plain, guided, ...) so
+    that a slow drift of the machine's speed affects them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-        peak = cpu_peak_mb(fn) if memory else None
-    return statistics.median(times), peak
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(time_once(fn, device))
+    return {name: (statistics.median(times[name]), peak_mb(fn, device) if memory else None) for name, fn in fns.items()}
 
 
 def make_net(kind: str, dims: int, guided: bool, backbone: str, vit_depth: int | None = None, **guide_overrides):
@@ -167,17 +181,17 @@ def main() -> int:
                 train = case == "train"
                 warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else int(train))
                 repeats = args.repeats or (10 if device.type == "cuda" else 3 if train else 1)
-                results = {}
+                fns = {}
                 for vname, vkw in variants_for(case, device, args).items():
                     torch.manual_seed(0)
                     vkw = dict(vkw)
                     guided, fast = vkw.pop("guided"), vkw.pop("fast")
                     net = make_net(kind, dims, guided, backbone, args.vit_depth, **vkw).to(device)
-                    fn = build_case(case, net, dims, size, device, amp, fast=fast)
-                    results[vname] = timed(fn, device, warmup, repeats, args.memory)
-                    del net, fn
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    fns[vname] = build_case(case, net, dims, size, device, amp, fast=fast)
+                results = timed(fns, device, warmup, repeats, args.memory)
+                del fns
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 plain_ms, plain_mb = results["plain"]
                 for vname in [v for v in results if v != "plain"]:
                     ms, mb = results[vname]
