@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import unittest
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from monai.data import CacheDataset, DataLoader
 from monai.transforms import Compose, EnsureTyped, RandFlipd, RandSpatialCropd, SpatialPadd
 from parameterized import parameterized
@@ -82,6 +84,28 @@ class TestGuideCache(unittest.TestCase):
         self.assertLessEqual(seen[0], tokens.numel())
         if dims == 3 and axis == 2:
             self.assertLess(seen[0], tokens.numel() // 2)  # a 8-slice crop of 30 slices: a fraction of the tokens
+
+    def test_separable_sampling_equals_grid_sample(self):
+        """sample_guide's separable path (axis-aligned grids: crops, flips) equals grid_sample, values and gradients;
+        a rotated grid falls back to grid_sample."""
+        torch.manual_seed(0)
+        low = torch.rand(1, 1, 5, 7, 30, dtype=torch.float64, requires_grad=True)
+        axes = [torch.arange(-3.0, 17.0), torch.arange(40.0, 10.0, -1.0), torch.arange(5.0, 40.0, 2.0)]  # out of range,
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].double()  # flipped, strided
+        grid = coords_to_grid(coords, (24, 40, 30))
+        ref_low = low.detach().clone().requires_grad_(True)
+        ref = F.grid_sample(ref_low, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        got = sample_guide(low, grid)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+        weights = torch.rand_like(ref)
+        (got * weights).sum().backward()
+        (ref * weights).sum().backward()
+        torch.testing.assert_close(low.grad, ref_low.grad, rtol=0, atol=1e-12)
+        rotated = grid.transpose(1, 2).contiguous()  # x and y swapped: not separable per axis
+        with mock.patch("guidino_monai.networks.blocks.guide.F.grid_sample", wraps=F.grid_sample) as spy:
+            sample_guide(low, rotated)
+            sample_guide(low, grid)
+        self.assertEqual(spy.call_count, 1)
 
     def test_bf16_autocast_matches_reference(self):
         """Under bf16 autocast (as on GPU), the cached path's training outputs stay within bf16 tolerance of the

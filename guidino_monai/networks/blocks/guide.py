@@ -89,23 +89,56 @@ def coords_to_grid(coords: torch.Tensor, source_shape: Sequence[int]) -> torch.T
 
 def sample_guide(guide: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Sample a guide ``(B, 1, *grid)`` that covers a whole volume at the points of ``grid`` (see
-    :func:`coords_to_grid`). Equal to :func:`resample_guide` to the volume's size followed by the crop."""
+    :func:`coords_to_grid`). Equal to :func:`resample_guide` to the volume's size followed by the crop.
+
+    A grid whose every coordinate varies along its own axis only (crops and flips, as in training with cached
+    tokens) is sampled separably, one small matrix product per axis, which is much cheaper than ``grid_sample``
+    forward and backward; any other grid (rotations, ...) goes through ``grid_sample``. Both give the same values."""
+    if guide.shape[0] == 1 and grid.shape[0] == 1 and not torch.jit.is_tracing():
+        lines = _axis_lines(grid[0])
+        if lines is not None:
+            out = guide[0]  # (1, *grid): contract each guide axis with its (L_d, n_d) interpolation matrix
+            for d, u in enumerate(lines):
+                w = _interp_matrix(((u.double() + 1.0) * guide.shape[2 + d] - 1.0) / 2.0, int(guide.shape[2 + d]))
+                out = torch.tensordot(out, w.to(guide.dtype), dims=([1], [1]))
+            return out.unsqueeze(0)
     return F.grid_sample(guide, grid.to(guide.dtype), mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _axis_lines(grid: torch.Tensor) -> list[torch.Tensor] | None:
+    """For a grid ``(*spatial, dims)`` whose coordinate along guide axis ``d`` depends on output axis ``d`` only, the
+    per-axis lines of coordinates (normalised); otherwise ``None``."""
+    dims = grid.shape[-1]
+    lines = []
+    for d in range(dims):
+        comp = grid[..., dims - 1 - d]  # grid_sample's last component indexes the guide's last axis
+        line = comp[tuple(slice(None) if a == d else 0 for a in range(dims))]
+        shape = [1] * dims
+        shape[d] = -1
+        if not torch.equal(comp, line.view(shape).expand_as(comp)):
+            return None
+        lines.append(line)
+    return lines
+
+
+def _interp_matrix(src: torch.Tensor, n_src: int) -> torch.Tensor:
+    """``(len(src), n_src)`` weights of linear interpolation at fractional indices ``src`` (clamped to the border)."""
+    src = src.clamp(0.0, n_src - 1)
+    i0 = src.floor().long()
+    i1 = (i0 + 1).clamp(max=n_src - 1)
+    w1 = src - i0
+    w = torch.zeros(len(src), n_src, dtype=src.dtype, device=src.device)
+    rows = torch.arange(len(src), device=src.device)
+    w.index_put_((rows, i0), 1.0 - w1, accumulate=True)
+    w.index_put_((rows, i1), w1, accumulate=True)
+    return w
 
 
 def resample_matrix(n_src: int, n_full: int, start: int, length: int, device: torch.device) -> torch.Tensor:
     """``(length, n_src)`` weights of 1D linear resampling (``align_corners=False``, border clamping) of ``n_src``
     samples to ``n_full``, rows ``start .. start + length - 1`` (which may lie outside ``0 .. n_full - 1``)."""
     c = torch.arange(start, start + length, dtype=torch.float64, device=device)
-    src = ((c + 0.5) * (n_src / n_full) - 0.5).clamp(0.0, n_src - 1)
-    i0 = src.floor().long()
-    i1 = (i0 + 1).clamp(max=n_src - 1)
-    w1 = src - i0
-    w = torch.zeros(length, n_src, dtype=torch.float64, device=device)
-    rows = torch.arange(length, device=device)
-    w.index_put_((rows, i0), 1.0 - w1, accumulate=True)
-    w.index_put_((rows, i1), w1, accumulate=True)
-    return w
+    return _interp_matrix((c + 0.5) * (n_src / n_full) - 0.5, n_src)
 
 
 def crop_guide(
@@ -274,8 +307,9 @@ class GuideBranch(nn.Module):
         g = g.reshape(batch, -1, *g.shape[2:])  # (B, D', h, w)
         return g.unsqueeze(1).movedim(2, 2 + self.slice_axis)
 
-    def scale_intensity(self, x: torch.Tensor) -> torch.Tensor:
-        """Map each sample of ``(B, C, *spatial)`` to ``[0, 1]`` according to ``intensity_scaling``."""
+    def scale_intensity(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """Map each sample of ``(B, C, *spatial)`` to ``[0, 1]`` according to ``intensity_scaling``; the bounds
+        (min/max, percentiles) come from ``reference`` when given (e.g. the whole volume ``x`` is part of)."""
         mode = self.intensity_scaling
         x = x.float()
         if mode == IntensityScaling.NONE:
@@ -283,12 +317,12 @@ class GuideBranch(nn.Module):
         if mode == IntensityScaling.WINDOW:
             lo, hi = self.intensity_range
             return ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
-        flat = x.reshape(x.shape[0], -1)
+        flat = (x if reference is None else reference).reshape(x.shape[0], -1)
         if mode == IntensityScaling.MINMAX:
-            lo, hi = flat.amin(1), flat.amax(1)
+            lo, hi = flat.amin(1).float(), flat.amax(1).float()
         else:
             step = max(1, flat.shape[1] // 262144)  # percentiles from at most ~256k voxels per sample
-            sample = flat[:, ::step]
+            sample = flat[:, ::step].float()
             q = torch.tensor([self.intensity_range[0] / 100.0, self.intensity_range[1] / 100.0], device=x.device)
             lo, hi = torch.quantile(sample, q, dim=1)
         shape = (-1,) + (1,) * (x.ndim - 1)
@@ -406,7 +440,8 @@ class GuideBranch(nn.Module):
         h, w = self.token_grid
         out = torch.zeros(batch, n, h, w, dtype=self.pixel_mean.dtype, device=x.device)
         if idx:
-            v = self.scale_intensity(x).movedim(2 + self.slice_axis, 1)[:, :: self.slice_stride][:, idx]
+            picked = x.movedim(2 + self.slice_axis, 1)[:, :: self.slice_stride][:, idx]  # (B, k, C, H, W)
+            v = self.scale_intensity(picked, reference=x)  # bounds from the whole volume, applied to k slices
             g = self.token_book(self.encode_slices(v.reshape(-1, *v.shape[2:])))  # (B * k, 1, h, w)
             out[:, idx] = g.reshape(batch, len(idx), h, w).to(out.dtype)
         return out.unsqueeze(1).movedim(2, 2 + self.slice_axis)
