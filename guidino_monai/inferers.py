@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer, sliding_window_inference
 from monai.utils import BlendMode, PytorchPadMode, fall_back_tuple
 
-from .networks.blocks.guide import crop_guide, resample_guide, resample_matrix
+from .networks.blocks.guide import crop_guide, resample_guide, window_matrix
 
 __all__ = ["GuidedSlidingWindowInferer", "unwrap_network"]
 
@@ -122,20 +121,23 @@ class GuidedSlidingWindowInferer(Inferer):
         needed = torch.zeros(n_low, dtype=torch.bool)
         offset = max(int(roi[axis]) - size, 0) // 2
         for start, stop in extents:
-            weights = resample_matrix(n_low, size, start - offset, stop - start, torch.device("cpu")).float()
-            for m in read_sizes:  # the network's own resampling of the window's guide, as a matrix (m, window)
-                eye = torch.eye(stop - start, dtype=torch.float32)[None]
-                resample = F.interpolate(eye, size=m, mode="linear", align_corners=False)[0].T
-                needed |= ((resample @ weights) != 0).any(0)
+            for m in read_sizes:  # the window's crop of the guide, resampled to the grid the network reads
+                weights = window_matrix(n_low, size, start - offset, stop - start, m, torch.device("cpu"))
+                needed |= (weights != 0).any(0)
         if axis in self.mirror_axes:  # a mirrored pass reads the mirrored slices of the guide
             needed |= needed.flip(0)
         return None if bool(needed.all()) else needed.nonzero().flatten().tolist()
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    def __call__(
+        self, inputs: torch.Tensor, network: nn.Module, *args: Any, guide: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
         """
         Args:
             inputs: ``(B, C, *spatial)`` image batch (a MetaTensor keeps its metadata on the outputs).
             network: a guided network in eval mode, or any segmentation network.
+            guide: optional whole-image guide ``(B, 1, ...)`` at any resolution (e.g. its token grid, as
+                :class:`~guidino_monai.interactive.ClickRefiner` makes it from cached tokens and clicks): used instead
+                of computing one, so the ViT does not run.
 
         Returns:
             logits ``(B, N, *spatial)``, or ``(logits, guide)`` when ``return_guide`` is set.
@@ -148,23 +150,27 @@ class GuidedSlidingWindowInferer(Inferer):
         spatial = tuple(int(n) for n in inputs.shape[2:])
         roi = fall_back_tuple(self.roi_size, spatial)
         offsets = [max(r - n, 0) // 2 for r, n in zip(roi, spatial)]  # sliding_window_inference's own padding
-        low = None
-        if guided and (self.guide_once or self.return_guide):
+        low = guide
+        if guided and low is None and (self.guide_once or self.return_guide):
             plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # no metadata tracking in the ViT
             slices = None if self.return_guide or not self.guide_once else self.read_guide_slices(net, spatial, roi)
             low = net.guide(plain, slices=slices)  # (B, 1, *token grid): one ViT pass over (the read) slices
         sw_kwargs = dict(self.sw_kwargs)
-        if guided and self.guide_once:
+        if guided and low is not None and (self.guide_once or guide is not None):
             sw_kwargs["with_coord"] = True
 
             def predictor(x: torch.Tensor, windows: list, *a: Any, **k: Any) -> torch.Tensor:
-                # each window's guide sampled from the image's low-resolution guide: no full-resolution guide volume
+                # each window's guide resampled from the image's low-resolution guide straight to the grid the
+                # network gates on (its bottleneck): no full-resolution guide, neither for the image nor the window
+                window = tuple(int(n) for n in x.shape[2:])
+                read = net.guide_read_sizes(window) if hasattr(net, "guide_read_sizes") else [window]
+                out_size = read[0] if len(read) == 1 else window
                 guides = []
                 for win in windows:
                     b = win[0].start
                     start = [w.start - o for w, o in zip(win[2:], offsets)]
                     size = [w.stop - w.start for w in win[2:]]
-                    guides.append(crop_guide(low_flip[b : b + 1], start, size, spatial))
+                    guides.append(crop_guide(low_flip[b : b + 1], start, size, spatial, out_size))
                 return network(x, *a, guide=torch.cat(guides).to(x.dtype), **k)
 
         else:

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.inferers import sliding_window_inference
 
-from ..inferers import unwrap_network
+from ..inferers import GuidedSlidingWindowInferer, unwrap_network
 from ..networks.blocks.guide import resample_guide
 
 __all__ = ["ClickRefiner", "next_click", "point_to_token", "world_points_to_grid"]
@@ -105,8 +104,8 @@ class ClickRefiner:
     Args:
         network: a guided network (``GuidedSegResNet`` / ``GuidedUNet``) with ``use_guide=True``, in eval mode.
         roi_size: sliding-window size; ``None`` runs the whole image at once.
-        sw_kwargs: further :func:`monai.inferers.sliding_window_inference` arguments (``sw_batch_size``, ``overlap``,
-            ``mode``, ...).
+        sw_kwargs: further :class:`~guidino_monai.inferers.GuidedSlidingWindowInferer` arguments (``sw_batch_size``,
+            ``overlap``, ``mode``, ...).
     """
 
     def __init__(self, network: nn.Module, roi_size: Sequence[int] | None = None, **sw_kwargs: Any) -> None:
@@ -116,7 +115,8 @@ class ClickRefiner:
         self.network = network
         self.branch = net.guide
         self.roi_size = roi_size
-        self.sw_kwargs = sw_kwargs
+        # each window gets its part of the low-resolution guide, as in ordinary guided inference
+        self.inferer = None if roi_size is None else GuidedSlidingWindowInferer(roi_size, **sw_kwargs)
         self.image: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
 
@@ -143,32 +143,27 @@ class ClickRefiner:
             picked.append(self.tokens[k, :, r, c])
         return torch.stack(picked)
 
+    def _low_guide(self, foreground: Sequence[Sequence[float]], background: Sequence[Sequence[float]]) -> torch.Tensor:
+        if self.image is None or self.tokens is None:
+            raise RuntimeError("call set_image() first.")
+        return self.branch.tokens_to_guide(
+            self.tokens, 1, positive=self._tokens_at(foreground), negative=self._tokens_at(background)
+        )
+
     @torch.no_grad()
     def guide(
         self, foreground: Sequence[Sequence[float]] = (), background: Sequence[Sequence[float]] = ()
     ) -> torch.Tensor:
         """The guide ``(1, 1, *spatial)`` at image resolution for the given clicks (image grid voxel coordinates)."""
-        if self.image is None or self.tokens is None:
-            raise RuntimeError("call set_image() first.")
-        g = self.branch.tokens_to_guide(
-            self.tokens, 1, positive=self._tokens_at(foreground), negative=self._tokens_at(background)
-        )
-        return resample_guide(g, self.image.shape[2:])
+        return resample_guide(self._low_guide(foreground, background), self.image.shape[2:])
 
     @torch.no_grad()
     def predict(
         self, foreground: Sequence[Sequence[float]] = (), background: Sequence[Sequence[float]] = ()
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(1, N, *spatial)`` and guide ``(1, 1, *spatial)`` for all clicks so far."""
-        guide = self.guide(foreground, background)
-        assert self.image is not None
-        channels = self.image.shape[1]
-        data = torch.cat([self.image, guide.to(self.image.dtype)], dim=1)
-
-        def predictor(x: torch.Tensor) -> torch.Tensor:
-            return self.network(x[:, :channels], guide=x[:, channels:])
-
-        if self.roi_size is None:
-            return predictor(data), guide
-        logits = sliding_window_inference(data, self.roi_size, predictor=predictor, **self.sw_kwargs)
-        return logits, guide
+        low = self._low_guide(foreground, background)
+        guide = resample_guide(low, self.image.shape[2:])  # the guide output, at image resolution
+        if self.inferer is None:
+            return self.network(self.image, guide=guide.to(self.image.dtype)), guide
+        return self.inferer(self.image, self.network, guide=low), guide

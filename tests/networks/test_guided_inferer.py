@@ -56,6 +56,13 @@ class TestCropGuide(unittest.TestCase):
         coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None].expand(2, *([-1] * (len(full) + 1)))
         torch.testing.assert_close(out, sample_guide(low, coords_to_grid(coords, full)), rtol=0, atol=1e-10)
 
+    def test_out_size_equals_resampling_the_box(self):
+        torch.manual_seed(0)
+        low = torch.rand(1, 1, 6, 5, 40, dtype=torch.float64)
+        box = crop_guide(low, (-4, 10, 8), (32, 32, 16), (40, 37, 40))
+        direct = crop_guide(low, (-4, 10, 8), (32, 32, 16), (40, 37, 40), out_size=(4, 4, 2))
+        torch.testing.assert_close(direct, resample_guide(box, (4, 4, 2)), rtol=0, atol=1e-12)
+
 
 class TestGuidedInferer(unittest.TestCase):
     @parameterized.expand([(3, ()), (3, (0,)), (2, (1,))])
@@ -167,6 +174,29 @@ class TestGuidedInferer(unittest.TestCase):
             self.assertEqual(set(seen), set(declared))
         else:  # an upper bound: every grid read is at most the declared one
             self.assertTrue(all(all(a <= b for a, b in zip(s, declared[0])) for s in seen), (seen, declared))
+
+    def test_precomputed_guide_and_click_refiner_share_the_path(self):
+        """A guide handed to the inferer is used as is (no ViT call); ClickRefiner without clicks gives the same
+        logits as plain guided inference (it runs through the same inferer)."""
+        from guidino_monai.interactive import ClickRefiner
+
+        torch.manual_seed(0)
+        net = GuidedSegResNet(3, 8, 1, 3, guide_backbone_kwargs=SMALL_VIT, guide_kwargs={"guide_size": 28}).eval()
+        image, roi = torch.rand(1, 1, 40, 37, 29), (24, 24, 16)
+        inferer = GuidedSlidingWindowInferer(roi, sw_batch_size=2, overlap=0.25)
+        with torch.no_grad():
+            ref = inferer(image, net)
+            low = net.guide(image)
+            calls = []
+            hook = net.guide.backbone.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+            given = inferer(image, net, guide=low)
+            hook.remove()
+            refiner = ClickRefiner(net, roi, sw_batch_size=2, overlap=0.25)
+            refiner.set_image(image)
+            clicked, _ = refiner.predict()
+        self.assertEqual(calls, [])
+        torch.testing.assert_close(given, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(clicked, ref, rtol=1e-5, atol=1e-6)
 
     def test_vit_once_per_image(self):
         net = GuidedSegResNet(3, 8, 1, 3, guide_backbone_kwargs=SMALL_VIT, guide_kwargs={"guide_size": 28}).eval()

@@ -141,18 +141,34 @@ def resample_matrix(n_src: int, n_full: int, start: int, length: int, device: to
     return _interp_matrix((c + 0.5) * (n_src / n_full) - 0.5, n_src)
 
 
+def window_matrix(n_src: int, n_full: int, start: int, length: int, out: int, device: torch.device) -> torch.Tensor:
+    """``(out, n_src)`` weights along one axis: ``n_src`` guide samples resampled to ``n_full``, rows ``start ..
+    start + length - 1`` of that kept (a window), then resampled linearly to ``out`` samples as ``F.interpolate``
+    (``align_corners=False``) does. ``out == length`` is the window itself."""
+    w = resample_matrix(n_src, n_full, start, length, device)
+    return w if out == length else resample_matrix(length, out, 0, out, device) @ w
+
+
 def crop_guide(
-    guide: torch.Tensor, start: Sequence[int], size: Sequence[int], full_shape: Sequence[int]
+    guide: torch.Tensor,
+    start: Sequence[int],
+    size: Sequence[int],
+    full_shape: Sequence[int],
+    out_size: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The box ``start .. start + size`` of ``guide (B, 1, *grid)`` resampled to ``full_shape``, without making the
     full-resolution guide: equal to ``resample_guide(guide, full_shape)`` cropped to the box (and to
-    :func:`sample_guide` at the box's voxels; positions outside the volume take the border value).
+    :func:`sample_guide` at the box's voxels; positions outside the volume take the border value). With
+    ``out_size``, that box is then resampled to ``out_size`` as :func:`resample_guide` would (e.g. to the grid where a
+    network gates, so that it need not resample a full-resolution window itself).
 
     The resampling is separable, so it runs as one small matrix product per axis instead of a ``grid_sample`` at every
     voxel of the box (the sliding-window inferer's per-window guide)."""
+    out_size = size if out_size is None else out_size
     out = guide[:, 0]
     for d in range(len(full_shape)):  # each contraction moves the new axis to the end: after all, the order is back
-        w = resample_matrix(int(guide.shape[2 + d]), int(full_shape[d]), int(start[d]), int(size[d]), guide.device)
+        w = window_matrix(int(guide.shape[2 + d]), int(full_shape[d]), int(start[d]), int(size[d]), int(out_size[d]),
+                          guide.device)  # fmt: skip
         out = torch.tensordot(out, w.to(guide.dtype), dims=([1], [1]))
     return out.unsqueeze(1)
 
@@ -331,14 +347,13 @@ class GuideBranch(nn.Module):
 
     def to_dino_input(self, slices: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` in [0, 1] -> ``(N, 3, *guide_size)`` ImageNet-normalised."""
-        if slices.shape[1] == 1:
-            slices = slices.expand(-1, 3, -1, -1)
-        elif slices.shape[1] != 3:
-            slices = slices.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+        if slices.shape[1] not in (1, 3):
+            slices = slices.mean(1, keepdim=True)
         if torch.jit.is_tracing() or tuple(slices.shape[2:]) != self.guide_size:
-            # antialias=True filters when downscaling and equals plain bilinear when upscaling
+            # antialias=True filters when downscaling and equals plain bilinear when upscaling; a grey image is
+            # resized once and repeated to 3 channels afterwards, not resized three times
             slices = F.interpolate(slices, size=self.guide_size, mode="bilinear", align_corners=False, antialias=True)
-        return (slices - self.pixel_mean) / self.pixel_std
+        return (slices.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> DINO patch tokens ``(B * D', E, h, w)`` (one ViT call for all slices of the batch)."""
