@@ -16,7 +16,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 # subpackages are imported so that `$import guidino_monai` in a bundle config reaches every component
-from . import bundle, data, engines, inferers, losses, metrics, networks, transforms, utils  # noqa: E402
+from . import bundle, data, engines, inferers, interactive, losses, metrics, networks, transforms, utils  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -24,6 +24,7 @@ __all__ = [
     "data",
     "engines",
     "inferers",
+    "interactive",
     "losses",
     "metrics",
     "networks",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from monai.data import MetaTensor
-from monai.inferers import Inferer, sliding_window_inference
+from monai.inferers import SlidingWindowInferer, sliding_window_inference
 from monai.utils import BlendMode, PytorchPadMode, fall_back_tuple
 
 from .networks.blocks.guide import crop_guide, resample_guide, window_matrix
@@ -37,7 +37,7 @@ def unwrap_network(network: nn.Module) -> nn.Module:
         network = inner
 
 
-class GuidedSlidingWindowInferer(Inferer):
+class GuidedSlidingWindowInferer(SlidingWindowInferer):
     """Sliding-window inference for guided (and plain) networks, with optional mirror test-time augmentation.
 
     For a guided network the guide mask is computed once on the whole image (one batched ViT call over all its
@@ -46,6 +46,11 @@ class GuidedSlidingWindowInferer(Inferer):
     separable linear resampling, equal to resampling the whole guide to the image and cropping), so a window only runs
     the backbone and no full-resolution guide volume is ever made.
     A plain network (``use_guide=False`` or any MONAI network) gets ordinary sliding-window inference.
+
+    A subclass of MONAI's :class:`~monai.inferers.SlidingWindowInferer`: windows, padding, blending, ``sw_device`` /
+    ``device`` / ``cpu_thresh`` / ``buffer_steps`` are MONAI's. The guide is computed on the device of the network's
+    guide branch (the volume's guide slices are moved there, e.g. a volume kept on the CPU with the network on a GPU)
+    and each window's guide is moved to the window's device (``sw_device``).
 
     Args:
         roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval, sw_device, device, progress: as
@@ -77,12 +82,11 @@ class GuidedSlidingWindowInferer(Inferer):
         return_guide: bool = False,
         guide_once: bool = True,
         skip_unread_slices: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.roi_size = roi_size
-        self.sw_kwargs = dict(
-            sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, sigma_scale=sigma_scale,
-            padding_mode=padding_mode, cval=cval, sw_device=sw_device, device=device, progress=progress,
+        super().__init__(
+            roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, sigma_scale=sigma_scale,
+            padding_mode=padding_mode, cval=cval, sw_device=sw_device, device=device, progress=progress, **kwargs,
         )  # fmt: skip
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
         self.return_guide = return_guide
@@ -116,7 +120,7 @@ class GuidedSlidingWindowInferer(Inferer):
 
         proxy_roi = [roi[d] if d == axis else 1 for d in range(3)]
         proxy = torch.zeros(1, 1, *[size if d == axis else 1 for d in range(3)])
-        sliding_window_inference(proxy, proxy_roi, 64, record, overlap=self.sw_kwargs["overlap"], with_coord=True)
+        sliding_window_inference(proxy, proxy_roi, 64, record, overlap=self.overlap, with_coord=True)
         read_sizes = [int(s[axis]) for s in net.guide_read_sizes(roi)]
         needed = torch.zeros(n_low, dtype=torch.bool)
         offset = max(int(roi[axis]) - size, 0) // 2
@@ -154,10 +158,10 @@ class GuidedSlidingWindowInferer(Inferer):
         if guided and low is None and (self.guide_once or self.return_guide):
             plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs  # no metadata tracking in the ViT
             slices = None if self.return_guide or not self.guide_once else self.read_guide_slices(net, spatial, roi)
+            plain = plain.to(net.guide.pixel_mean.device)  # where the ViT is (the volume may stay on the CPU)
             low = net.guide(plain, slices=slices)  # (B, 1, *token grid): one ViT pass over (the read) slices
-        sw_kwargs = dict(self.sw_kwargs)
-        if guided and low is not None and (self.guide_once or guide is not None):
-            sw_kwargs["with_coord"] = True
+        with_coord = guided and low is not None and (self.guide_once or guide is not None)
+        if with_coord:
 
             def predictor(x: torch.Tensor, windows: list, *a: Any, **k: Any) -> torch.Tensor:
                 # each window's guide resampled from the image's low-resolution guide straight to the grid the
@@ -171,7 +175,7 @@ class GuidedSlidingWindowInferer(Inferer):
                     start = [w.start - o for w, o in zip(win[2:], offsets)]
                     size = [w.stop - w.start for w in win[2:]]
                     guides.append(crop_guide(low_flip[b : b + 1], start, size, spatial, out_size))
-                return network(x, *a, guide=torch.cat(guides).to(x.dtype), **k)
+                return network(x, *a, guide=torch.cat(guides).to(x.device, x.dtype), **k)
 
         else:
             predictor = network  # type: ignore[assignment]
@@ -183,7 +187,7 @@ class GuidedSlidingWindowInferer(Inferer):
             x = torch.flip(inputs, dims) if dims else inputs
             if low is not None:
                 low_flip = torch.flip(low, dims) if dims else low
-            out = sliding_window_inference(x, roi, predictor=predictor, *args, **sw_kwargs, **kwargs)
+            out = self._sliding_window(x, predictor, with_coord, *args, **kwargs)
             out = torch.flip(out, dims) if dims else out
             total = out if total is None else total + out
         logits = total / len(flips) if len(flips) > 1 else total
@@ -191,8 +195,18 @@ class GuidedSlidingWindowInferer(Inferer):
             return logits
         guide = None
         if low is not None:  # the guide as an output image: resampled to the image grid once
-            guide = resample_guide(low, spatial)
+            guide = resample_guide(low.to(logits.device), spatial)
             if isinstance(inputs, MetaTensor):  # the guide shares the image's geometry (for Invertd / SaveImaged)
                 guide = MetaTensor(guide)
                 guide.copy_meta_from(inputs)
         return logits, guide
+
+    def _sliding_window(self, x: torch.Tensor, predictor: Any, with_coord: bool, *args: Any, **kwargs: Any) -> Any:
+        """MONAI's :meth:`SlidingWindowInferer.__call__` (devices, buffering, blending), with ``with_coord`` set for
+        this call only."""
+        saved = self.with_coord
+        self.with_coord = with_coord
+        try:
+            return super().__call__(x, predictor, *args, **kwargs)
+        finally:
+            self.with_coord = saved

@@ -17,8 +17,9 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write"]
+__all__ = ["as_bool", "atomic_write"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
@@ -41,3 +42,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """A strict boolean from a bool, a number or a string.
+
+    Command-line overrides of bundle configs (``--resume false``, ``--guide no``) arrive as strings, and
+    ``bool("false")`` is ``True``; this accepts ``true/false``, ``1/0``, ``yes/no``, ``on/off`` (any case) and refuses
+    anything else.
+
+    Raises:
+        ValueError: for a string or value that is not one of those, naming ``name``.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("true", "1", "yes", "on"):
+            return True
+        if v in ("false", "0", "no", "off"):
+            return False
+    elif isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    elif hasattr(value, "item") and getattr(value, "size", getattr(value, "numel", lambda: 0)) in (1,):
+        return as_bool(value.item(), name)  # numpy / torch scalars
+    raise ValueError(f"{name} must be a boolean (true/false), got {value!r}.")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..data import case_id, hc18_fetus_id, load_checked_datalist, make_demo_dataset, split_by_group
-from ..utils import atomic_write
+from ..utils import as_bool, atomic_write
 
 __all__ = [
     "TASKS",
@@ -162,7 +162,7 @@ class TrainingCheckpoint:
         self.network = network
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
-        self.resume = resume
+        self.resume = as_bool(resume, "resume")
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..inferers import GuidedSlidingWindowInferer, unwrap_network
-from ..networks.blocks.guide import resample_guide
+from ..networks.blocks.guide import guide_slice_index, resample_guide
 
 __all__ = ["ClickRefiner", "next_click", "point_to_token", "world_points_to_grid"]
 
@@ -30,8 +30,9 @@ def point_to_token(point: Sequence[float], spatial_shape: Sequence[int], token_s
                    slice_axis: int = 2, slice_stride: int = 1) -> tuple[int, ...]:  # fmt: skip
     """Index into the token maps ``(N, E, h, w)`` of :meth:`GuideBranch.encode` for a voxel ``point`` of the image.
 
-    2D: ``(0, row, col)``. 3D: ``(slice, row, col)``, the slice being the nearest one the guide sampled along
-    ``slice_axis`` (every ``slice_stride``-th), row/col from the other two axes in order.
+    2D: ``(0, row, col)``. 3D: ``(slice, row, col)``, the slice being the guide slice nearest to the point along
+    ``slice_axis`` (:func:`~guidino_monai.networks.guide_slice_index`, the package's one slice convention), row/col
+    from the other two axes in order.
 
     Args:
         point: voxel coordinates in the image grid (``len == len(spatial_shape)``).
@@ -45,7 +46,7 @@ def point_to_token(point: Sequence[float], spatial_shape: Sequence[int], token_s
     if len(spatial_shape) == 2:
         k, (ah, aw) = 0, (0, 1)
     else:
-        k = min(int(round(float(point[slice_axis]) / slice_stride)), n - 1)
+        k = guide_slice_index(float(point[slice_axis]), int(spatial_shape[slice_axis]), slice_stride)
         ah, aw = [a for a in range(3) if a != slice_axis]
     row = int((float(point[ah]) + 0.5) * h / spatial_shape[ah])
     col = int((float(point[aw]) + 0.5) * w / spatial_shape[aw])

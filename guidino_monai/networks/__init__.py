@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from .backbones import (
+    DEFAULT_GUIDE_BACKBONE,
     LORA_TARGET_MODULES,
     SUPPORTED_GUIDE_BACKBONES,
     GuideWeightsError,
@@ -31,12 +32,15 @@ from .blocks import (
     coords_to_grid,
     crop_guide,
     gate_features,
+    guide_slice_index,
+    guide_slice_positions,
     resample_guide,
     sample_guide,
 )
 from .nets import GateAt, GuidedSegResNet, GuidedUNet, GuidedUnet
 
 __all__ = [
+    "DEFAULT_GUIDE_BACKBONE",
     "LORA_TARGET_MODULES",
     "SUPPORTED_GUIDE_BACKBONES",
     "GateAt",
@@ -53,6 +57,8 @@ __all__ = [
     "crop_guide",
     "create_guide_backbone",
     "gate_features",
+    "guide_slice_index",
+    "guide_slice_positions",
     "load_guide_weights",
     "load_lora_adapters",
     "lora_state_dict",

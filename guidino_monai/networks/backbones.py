@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -31,12 +32,15 @@ import torch
 import torch.nn as nn
 
 __all__ = [
+    "DEFAULT_GUIDE_BACKBONE",
     "SUPPORTED_GUIDE_BACKBONES",
     "LORA_TARGET_MODULES",
     "GuideWeightsError",
     "create_guide_backbone",
     "load_guide_weights",
     "read_state_dict",
+    "is_hf_dinov3_state",
+    "convert_hf_dinov3_state",
     "apply_lora",
     "lora_state_dict",
     "save_lora_adapters",
@@ -140,8 +144,10 @@ def _unwrap_state(state: Any, where: str) -> dict[str, torch.Tensor]:
 def load_guide_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load local DINOv2/DINOv3 weights into a timm guide backbone, strictly.
 
-    Accepts Meta's original checkpoints (``dinov2_vits14_pretrain.pth``, DINOv3 ``.pth``), timm ``.safetensors`` /
-    ``.pth`` files and a timm/Hugging Face hub model folder. Meta's key layout is mapped to timm's by timm's own
+    Accepts Meta's original checkpoints (``dinov2_vits14_pretrain.pth``, ``dinov3_vits16_pretrain_lvd1689m-*.pth``),
+    timm ``.safetensors`` / ``.pth`` files, a timm hub model folder, and the Hugging Face ``transformers`` layout of
+    DINOv3 (``facebook/dinov3-vits16-pretrain-lvd1689m``: ``model.safetensors`` with ``embeddings.*`` /
+    ``layer.N.*`` keys, mapped by :func:`convert_hf_dinov3_state`). Meta's key layout is mapped to timm's by timm's own
     ``checkpoint_filter_fn`` of the model's module (which also resamples position embeddings to the model's grid).
 
     Raises:
@@ -149,6 +155,8 @@ def load_guide_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         GuideWeightsError: unreadable file, unsafe pickle, or missing / unexpected / mis-shaped keys (named).
     """
     state = read_state_dict(path)
+    if is_hf_dinov3_state(state):
+        state = convert_hf_dinov3_state(state, model, where=str(path))
     module = importlib.import_module(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -183,13 +191,104 @@ def load_guide_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+_HF_DINOV3_BLOCK = re.compile(r"^(?:model\.)?layer\.(\d+)\.(.+)$")
+_HF_DINOV3_RENAMES = (
+    ("attention.o_proj.", "attn.proj."),
+    ("layer_scale1.lambda1", "gamma_1"),
+    ("layer_scale2.lambda1", "gamma_2"),
+    ("mlp.down_proj.", "mlp.fc2."),
+)
+
+
+def is_hf_dinov3_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict has the Hugging Face ``transformers`` DINOv3 layout (``DINOv3ViTModel``)."""
+    return "embeddings.patch_embeddings.weight" in state and any(
+        _HF_DINOV3_BLOCK.match(k) and "layer_scale1" in k for k in state
+    )
+
+
+def convert_hf_dinov3_state(
+    state: Mapping[str, torch.Tensor], model: nn.Module, where: str = "state dict"
+) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face ``DINOv3ViTModel`` state dict onto timm's DINOv3 ``Eva`` keys.
+
+    ``embeddings.{cls_token,register_tokens,patch_embeddings}`` -> ``cls_token``, ``reg_token``, ``patch_embed.proj``;
+    per block ``attention.{q,k,v}_proj`` -> ``attn.qkv`` (concatenated), ``attention.o_proj`` -> ``attn.proj``,
+    ``layer_scale{1,2}.lambda1`` -> ``gamma_{1,2}``, ``mlp.{up,down}_proj`` -> ``mlp.fc{1,2}`` (gated MLPs:
+    ``gate_proj``/``up_proj`` -> ``fc1_g``/``fc1_x``); ``norm`` stays. The pre-training ``mask_token`` is dropped.
+    Query/value biases go to the model's ``q_bias``/``v_bias`` where it has them; where it has none (timm's
+    ``vit_*_patch16_dinov3``, whose released biases are zero) they must be zero.
+
+    Raises:
+        GuideWeightsError: non-zero attention biases the model cannot hold, or an incomplete q/k/v triple (named).
+    """
+    own = set(model.state_dict())
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    gated = any(k.endswith("mlp.gate_proj.weight") for k in state)
+    for k, v in state.items():
+        if k.startswith("embeddings."):
+            name = k[len("embeddings.") :]
+            if name == "mask_token":
+                continue
+            name = {"register_tokens": "reg_token"}.get(name, name)
+            out[name.replace("patch_embeddings.", "patch_embed.proj.")] = v
+            continue
+        m = _HF_DINOV3_BLOCK.match(k)
+        if m is None:
+            out[k] = v  # norm.*
+            continue
+        i, rest = m.group(1), m.group(2)
+        prefix = f"blocks.{i}."
+        if rest.startswith("attention.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            qkv.setdefault(i, {})[rest[len("attention.") :]] = v
+            continue
+        if gated:
+            rest = rest.replace("mlp.gate_proj.", "mlp.fc1_g.").replace("mlp.up_proj.", "mlp.fc1_x.")
+        else:
+            rest = rest.replace("mlp.up_proj.", "mlp.fc1.")
+        for a, b in _HF_DINOV3_RENAMES:
+            rest = rest.replace(a, b)
+        out[prefix + rest] = v
+    for i, parts in qkv.items():
+        prefix = f"blocks.{i}.attn."
+        try:
+            weights = [parts[f"{n}_proj.weight"] for n in "qkv"]
+        except KeyError as e:
+            raise GuideWeightsError(f"{where!r}: block {i} lacks attention weight {e.args[0]}.") from None
+        if f"{prefix}qkv.weight" in own:
+            out[f"{prefix}qkv.weight"] = torch.cat(weights)
+        else:  # models built without a fused qkv
+            for n, w in zip("qkv", weights):
+                out[f"{prefix}{n}_proj.weight"] = w
+        for n in "qv":
+            b = parts.get(f"{n}_proj.bias")
+            if b is None:
+                continue
+            target = f"{prefix}{n}_bias" if f"{prefix}{n}_bias" in own else f"{prefix}{n}_proj.bias"
+            if target in own:
+                out[target] = b
+            elif bool(b.abs().max() > 0):
+                raise GuideWeightsError(
+                    f"{where!r}: block {i} has a non-zero {n}_proj bias, but the backbone has no attention bias;"
+                    " use the '_qkvb' variant of the timm model."
+                )
+        if parts.get("k_proj.bias") is not None and bool(parts["k_proj.bias"].abs().max() > 0):
+            raise GuideWeightsError(f"{where!r}: block {i} has a non-zero k_proj bias, which DINOv3 fixes at 0.")
+    return out
+
+
 def _names(keys: list[str], limit: int = 12) -> str:
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
 
+#: the paper's guide backbone (GuiDINO uses DINOv3 ViT-S/16, 4 register tokens)
+DEFAULT_GUIDE_BACKBONE = "vit_small_patch16_dinov3"
+
+
 def create_guide_backbone(
-    name: str = "vit_small_patch14_dinov2",
+    name: str = DEFAULT_GUIDE_BACKBONE,
     pretrained_weights: str | os.PathLike | None = None,
     lora_rank: int = 0,
     lora_alpha: float | None = None,
@@ -200,7 +299,8 @@ def create_guide_backbone(
     """Create a DINOv2/DINOv3 ViT guide backbone with timm, from local weights only.
 
     Args:
-        name: a timm model name from :data:`SUPPORTED_GUIDE_BACKBONES`.
+        name: a timm model name from :data:`SUPPORTED_GUIDE_BACKBONES`. Defaults to the paper's DINOv3 ViT-S/16
+            (``"vit_small_patch16_dinov3"``); the DINOv2 ViTs (``"vit_small_patch14_dinov2"``, ...) remain options.
         pretrained_weights: local weight file or model folder; ``None`` builds a random-init ViT and warns that the
             guide then carries no foundation-model prior.
         lora_rank: ``> 0`` injects LoRA adapters (peft) into the ViT blocks' attention and MLP linears only.

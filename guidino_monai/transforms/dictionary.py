@@ -13,17 +13,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, SpatialPad, SpatialPadd
 
 __all__ = [
     "AddCoordinatesd",
     "AddCoordinatesD",
     "AddCoordinatesDict",
+    "SpatialPadWithCoordinatesd",
+    "SpatialPadWithCoordinatesD",
+    "SpatialPadWithCoordinatesDict",
     "SplitGuidedOutputd",
     "SplitGuidedOutputD",
     "SplitGuidedOutputDict",
@@ -33,10 +37,12 @@ __all__ = [
 class AddCoordinatesd(MapTransform):
     """Store the voxel coordinates of ``keys``' image under ``coord_key`` as a ``(dims, *spatial)`` float tensor.
 
-    Put it after the deterministic transforms and list ``coord_key`` with the image in the random spatial transforms
-    (crops, flips, rotations): afterwards every voxel of a training crop knows where it came from in the whole
-    volume, which is what :class:`guidino_monai.engines.CachedGuidePrepareBatch` needs to cut the crop's guide out of
-    a guide computed once for the whole volume.
+    Put it after the deterministic transforms that make the image inference sees (load, orientation, spacing,
+    intensity) and before any padding: the volume at this point is the one whose guide
+    :class:`guidino_monai.engines.CachedGuidePrepareBatch` computes once. Pad with :class:`SpatialPadWithCoordinatesd`
+    (padded voxels get coordinates outside the volume, where the guide takes its border value, as in sliding-window
+    inference) and list ``coord_key`` with the image in the random spatial transforms (crops, flips, rotations):
+    afterwards every voxel of a training crop knows where it came from in the whole volume.
 
     Args:
         keys: the image key (one).
@@ -60,6 +66,77 @@ class AddCoordinatesd(MapTransform):
             d[self.coord_key] = coords
             d[f"{self.coord_key}_source_shape"] = torch.tensor([int(n) for n in spatial])
         return d
+
+
+class SpatialPadWithCoordinatesd(MapTransform):
+    """:class:`monai.transforms.SpatialPadd` for ``keys`` that also pads the coordinates of
+    :class:`AddCoordinatesd` the same way, continuing them linearly past the border (a padded voxel's coordinate is
+    its position relative to the unpadded volume, e.g. ``-1`` before its first voxel) instead of filling a constant.
+
+    With the default ``method="symmetric"`` the padding is the one ``monai.inferers.sliding_window_inference`` applies
+    to an image smaller than its ROI, so a training crop of a small volume reads the same guide values as the
+    inference window at the same place.
+
+    Args:
+        keys: image (and label) keys to pad.
+        spatial_size: as :class:`monai.transforms.SpatialPadd`.
+        coord_key: the coordinates' key. Defaults to ``"coords"``.
+        method, mode, allow_missing_keys, kwargs: as :class:`monai.transforms.SpatialPadd`.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_size: Sequence[int] | int,
+        coord_key: str = "coords",
+        method: str = "symmetric",
+        mode: str = "constant",
+        allow_missing_keys: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.coord_key = coord_key
+        self.pad = SpatialPadd(keys, spatial_size, method=method, mode=mode, allow_missing_keys=allow_missing_keys,
+                               **kwargs)  # fmt: skip
+        self.padder = SpatialPad(spatial_size, method=method)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        coords = d.get(self.coord_key)
+        if coords is not None:
+            widths = self.padder.compute_pad_width(tuple(int(n) for n in coords.shape[1:]))[1:]
+            d[self.coord_key] = extrapolate_pad(coords, [tuple(int(v) for v in w) for w in widths])
+        return self.pad(d)
+
+
+def extrapolate_pad(coords: torch.Tensor, widths: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Pad ``coords (dims, *spatial)`` by ``widths`` (before, after) per spatial axis, continuing each channel
+    linearly (the step between its last two samples along that axis; 1 along the channel's own axis where an axis
+    has a single sample)."""
+    is_meta = isinstance(coords, MetaTensor)
+    out = coords.as_tensor() if is_meta else torch.as_tensor(coords)
+    for axis, (before, after) in enumerate(widths):
+        if before == 0 and after == 0:
+            continue
+        dim = axis + 1
+        n = out.shape[dim]
+        if n >= 2:
+            step_lo = out.narrow(dim, 1, 1) - out.narrow(dim, 0, 1)
+            step_hi = out.narrow(dim, n - 1, 1) - out.narrow(dim, n - 2, 1)
+        else:
+            step_lo = torch.zeros_like(out.narrow(dim, 0, 1))
+            step_lo[axis] = 1.0
+            step_hi = step_lo
+        shape = [1] * out.ndim
+        shape[dim] = -1
+        k_lo = torch.arange(before, 0, -1, dtype=out.dtype).view(shape)
+        k_hi = torch.arange(1, after + 1, dtype=out.dtype).view(shape)
+        lo = out.narrow(dim, 0, 1) - k_lo * step_lo
+        hi = out.narrow(dim, n - 1, 1) + k_hi * step_hi
+        out = torch.cat([lo, out, hi], dim=dim)
+    if is_meta:
+        out = MetaTensor(out, meta=dict(coords.meta))
+    return out
 
 
 class SplitGuidedOutputd(MapTransform):
@@ -93,3 +170,4 @@ class SplitGuidedOutputd(MapTransform):
 
 SplitGuidedOutputD = SplitGuidedOutputDict = SplitGuidedOutputd
 AddCoordinatesD = AddCoordinatesDict = AddCoordinatesd
+SpatialPadWithCoordinatesD = SpatialPadWithCoordinatesDict = SpatialPadWithCoordinatesd

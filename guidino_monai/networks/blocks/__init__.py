@@ -18,6 +18,8 @@ from .guide import (
     coords_to_grid,
     crop_guide,
     gate_features,
+    guide_slice_index,
+    guide_slice_positions,
     resample_guide,
     sample_guide,
 )
@@ -31,6 +33,8 @@ __all__ = [
     "coords_to_grid",
     "crop_guide",
     "gate_features",
+    "guide_slice_index",
+    "guide_slice_positions",
     "resample_guide",
     "sample_guide",
 ]

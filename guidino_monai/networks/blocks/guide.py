@@ -21,7 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.utils import StrEnum
 
-from ..backbones import create_guide_backbone
+from ...utils import as_bool
+
+from ..backbones import DEFAULT_GUIDE_BACKBONE, create_guide_backbone
 from .tokenbook import TokenBook
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "coords_to_grid",
     "crop_guide",
     "gate_features",
+    "guide_slice_index",
+    "guide_slice_positions",
     "resample_guide",
     "sample_guide",
 ]
@@ -179,26 +183,58 @@ def gate_features(x: torch.Tensor, guide: torch.Tensor, residual: bool = True) -
     return x * (1.0 + g) if residual else x * g
 
 
+def guide_slice_positions(size: int, stride: int) -> torch.Tensor:
+    """Voxel positions (float64) along the slice axis of the ``ceil(size / stride)`` guide slices of a volume with
+    ``size`` slices: slice ``j`` sits at ``(j + 0.5) * size / D' - 0.5``, the centre of its cell.
+
+    This is the one convention of the package: the guide is computed from the image at these positions (linearly
+    interpolated between voxels where a position falls between two), and every resampling of a guide to voxels
+    (:func:`resample_guide`, :func:`crop_guide`, :func:`sample_guide`, the sliding-window inferer) reads slice ``j``
+    there (``align_corners=False``). With ``size`` a multiple of ``stride`` it is ``j * stride + (stride - 1) / 2``,
+    the middle of the block of voxels the slice stands for; with ``stride=1`` it is ``j``."""
+    n = -(-int(size) // int(stride))
+    return (torch.arange(n, dtype=torch.float64) + 0.5) * (int(size) / n) - 0.5
+
+
+def guide_slice_index(position: float, size: int, stride: int) -> int:
+    """The guide slice nearest to voxel ``position`` along the slice axis (inverse of :func:`guide_slice_positions`),
+    e.g. for a click on that voxel."""
+    n = -(-int(size) // int(stride))
+    return min(max(int(math.floor((float(position) + 0.5) * n / int(size))), 0), n - 1)
+
+
 class GuideBranch(nn.Module):
     """Frozen (or LoRA-tuned) DINO ViT + :class:`TokenBook`: medical image -> guide mask in ``[0, 1]``.
 
     2D images ``(B, C, H, W)`` go through the ViT directly. 3D volumes ``(B, C, X, Y, Z)`` are cut into 2D slices
-    along ``slice_axis`` (every ``slice_stride``-th), all slices of the batch run in one ViT call, and the per-slice
-    guides are stacked back. The guide keeps the volume's axis order with the slice axis in place, so for
-    ``slice_axis=2`` it is ``(B, 1, h, w, D')`` (``D' = ceil(Z / slice_stride)``, ``h, w`` the token grid).
+    along ``slice_axis`` (``D' = ceil(Z / slice_stride)`` of them, at :func:`guide_slice_positions`), all slices of the
+    batch run in one ViT call, and the per-slice guides are stacked back. The guide keeps the volume's axis order with
+    the slice axis in place, so for ``slice_axis=2`` it is ``(B, 1, h, w, D')`` (``h, w`` the token grid).
 
     DINO input: intensity scaling (:class:`IntensityScaling`) -> 3 channels (1 channel repeated, 3 kept, otherwise the
-    channel mean) -> resize to ``guide_size`` -> ImageNet normalisation.
+    channel mean) -> resize (:meth:`dino_input_size`) -> ImageNet normalisation. By default (``keep_aspect``) a slice
+    keeps its aspect ratio: its longer side becomes ``guide_size`` and the shorter one scales alike, each rounded to a
+    multiple of the patch size, so a 400x270 ultrasound image gives a 32x22 token grid at ``guide_size=512`` (timm's
+    ``dynamic_img_size`` takes non-square grids). Pixels are taken as square: resample anisotropic in-plane spacing
+    first (``monai.transforms.Spacingd``), as the bundles do. Tokens are the ViT's normalised last hidden state (the
+    final norm applied, as the GuiDINO authors use them), see ``token_norm``.
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of the medical image.
-        backbone: timm DINOv2/DINOv3 name, see :data:`guidino_monai.networks.SUPPORTED_GUIDE_BACKBONES`.
+        backbone: timm DINOv2/DINOv3 name, see :data:`guidino_monai.networks.SUPPORTED_GUIDE_BACKBONES`. Defaults to
+            the paper's DINOv3 ViT-S/16 ``"vit_small_patch16_dinov3"``.
         backbone_kwargs: extra ``timm.create_model`` kwargs (e.g. ``{"depth": 2}`` for tests).
         pretrained_weights: local weight file/folder, ``None`` = random init (logged as such).
-        lora_rank: LoRA rank for the ViT blocks, ``0`` = frozen ViT.
-        guide_size: 2D size of the DINO input, rounded up to a multiple of the patch size. Defaults to 224 (2D) or
-            112 (3D slices).
+        lora_rank: LoRA rank for the ViT blocks, ``0`` = frozen ViT (or fully trainable with
+            ``backbone_kwargs={"freeze": False}``).
+        guide_size: an int: the DINO input's longer side with ``keep_aspect`` (its size with ``keep_aspect=False``); a
+            pair ``(h, w)``: that fixed size whatever the image's shape. Rounded up to multiples of the patch size.
+            Defaults to 512 (2D) or 224 (3D slices).
+        keep_aspect: keep each slice's aspect ratio in the DINO input (non-square token grids). Defaults to ``True``;
+            ``False`` squashes every slice to ``guide_size`` x ``guide_size``.
+        token_norm: apply the ViT's final norm to the tokens (its normalised hidden state, as the authors and timm's
+            ``forward_features`` do). Defaults to ``True``.
         slice_axis: spatial axis (0, 1 or 2) that 3D volumes are sliced along. Defaults to ``2``.
         slice_stride: use every n-th slice. Defaults to ``1``.
         intensity_scaling: see :class:`IntensityScaling`. Defaults to ``"percentile"``.
@@ -219,11 +255,13 @@ class GuideBranch(nn.Module):
         self,
         spatial_dims: int,
         in_channels: int = 1,
-        backbone: str = "vit_small_patch14_dinov2",
+        backbone: str = DEFAULT_GUIDE_BACKBONE,
         backbone_kwargs: dict[str, Any] | None = None,
         pretrained_weights: str | os.PathLike | None = None,
         lora_rank: int = 0,
         guide_size: int | Sequence[int] | None = None,
+        keep_aspect: bool = True,
+        token_norm: bool = True,
         slice_axis: int = 2,
         slice_stride: int = 1,
         intensity_scaling: IntensityScaling | str = IntensityScaling.PERCENTILE,
@@ -261,7 +299,9 @@ class GuideBranch(nn.Module):
         patch = self.backbone.patch_embed.patch_size
         self.patch_size = (int(patch[0]), int(patch[1]))
         if guide_size is None:
-            guide_size = 224 if spatial_dims == 2 else 112
+            guide_size = 512 if spatial_dims == 2 else 224
+        self.keep_aspect = as_bool(keep_aspect, "keep_aspect") and isinstance(guide_size, int)
+        self.token_norm = as_bool(token_norm, "token_norm")
         gs = (guide_size, guide_size) if isinstance(guide_size, int) else tuple(guide_size)
         if len(gs) != 2 or min(gs) < 1:
             raise ValueError(f"guide_size must be an int or a pair, got {guide_size}.")
@@ -284,10 +324,33 @@ class GuideBranch(nn.Module):
             token_sample_rate=token_sample_rate,
         )
 
+    def dino_input_size(self, slice_shape: Sequence[int]) -> tuple[int, int]:
+        """Size of the DINO input for a 2D slice of ``slice_shape`` ``(H, W)``: with ``keep_aspect`` the longer side
+        becomes ``guide_size`` and the other one keeps the ratio (each a multiple of the patch size, at least one
+        patch); otherwise ``guide_size`` itself."""
+        if not self.keep_aspect:
+            return self.guide_size
+        h, w = (int(s) for s in slice_shape)
+        scale = self.guide_size[0] / max(h, w)
+        return tuple(max(p, int(round(n * scale / p)) * p) for n, p in zip((h, w), self.patch_size))
+
+    def token_grid_for(self, slice_shape: Sequence[int]) -> tuple[int, int]:
+        """Token grid ``(h, w)`` of the guide of a 2D slice of ``slice_shape``."""
+        size = self.dino_input_size(slice_shape)
+        return (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
+
+    def slice_shape(self, x: torch.Tensor) -> tuple[int, int]:
+        """``(H, W)`` of the 2D slices of the batch ``x`` (the image itself in 2D)."""
+        spatial = [int(s) for s in x.shape[2:]]
+        if self.spatial_dims == 3:
+            del spatial[self.slice_axis]
+        return spatial[0], spatial[1]
+
     @property
-    def token_grid(self) -> tuple[int, int]:
-        """Token grid ``(h, w)`` of one DINO input."""
-        return (self.guide_size[0] // self.patch_size[0], self.guide_size[1] // self.patch_size[1])
+    def vit_trainable(self) -> bool:
+        """Whether any ViT weight is trained (LoRA adapters or ``freeze=False``): its tokens then change every step,
+        so they get gradients and are never cached."""
+        return any(p.requires_grad for p in self.backbone.parameters())
 
     def train(self, mode: bool = True) -> GuideBranch:
         """Train the TokenBook (and LoRA adapters) but keep the ViT in eval mode."""
@@ -308,13 +371,28 @@ class GuideBranch(nn.Module):
             raise ValueError(f"input image of shape {tuple(x.shape)} contains NaN or Inf values.")
 
     def to_slices(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, X, Y, Z)`` -> ``(B * D', C, H, W)`` slices along ``slice_axis`` (2D input passes through)."""
+        """``(B, C, X, Y, Z)`` -> ``(B * D', C, H, W)`` slices along ``slice_axis`` at :func:`guide_slice_positions`
+        (2D input passes through)."""
         if self.spatial_dims == 2:
             return x
-        v = x.movedim(2 + self.slice_axis, 1)  # (B, S, C, H, W)
-        if self.slice_stride > 1:
-            v = v[:, :: self.slice_stride]
+        v = self.pick_slices(x)
         return v.reshape(-1, *v.shape[2:])
+
+    def pick_slices(self, x: torch.Tensor, idx: Sequence[int] | None = None) -> torch.Tensor:
+        """The guide's slices of ``x (B, C, X, Y, Z)`` as ``(B, k, C, H, W)``: all ``D'`` or those in ``idx``, each
+        the image at :func:`guide_slice_positions` (linear interpolation between the two nearest voxel slices)."""
+        v = x.movedim(2 + self.slice_axis, 1)  # (B, S, C, H, W)
+        pos = guide_slice_positions(v.shape[1], self.slice_stride)
+        if idx is not None:
+            pos = pos[list(idx)]
+        lo = pos.floor().clamp(0, v.shape[1] - 1)
+        frac = (pos - lo).clamp(0.0, 1.0)
+        lo_i = lo.long().tolist()
+        if bool((frac == 0).all()):
+            return v[:, lo_i]
+        hi_i = (lo.long() + 1).clamp(max=v.shape[1] - 1).tolist()
+        w = frac.to(v.dtype if v.is_floating_point() else torch.float32).to(v.device).view(1, -1, 1, 1, 1)
+        return v[:, lo_i] * (1.0 - w) + v[:, hi_i] * w
 
     def from_slices(self, g: torch.Tensor, batch: int) -> torch.Tensor:
         """``(B * D', 1, h, w)`` -> ``(B, 1, ...)`` with the slice axis back in place (2D passes through)."""
@@ -346,18 +424,22 @@ class GuideBranch(nn.Module):
         return ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0.0, 1.0)
 
     def to_dino_input(self, slices: torch.Tensor) -> torch.Tensor:
-        """``(N, C, H, W)`` in [0, 1] -> ``(N, 3, *guide_size)`` ImageNet-normalised."""
+        """``(N, C, H, W)`` in [0, 1] -> ``(N, 3, *dino_input_size)`` ImageNet-normalised."""
         if slices.shape[1] not in (1, 3):
             slices = slices.mean(1, keepdim=True)
-        if torch.jit.is_tracing() or tuple(slices.shape[2:]) != self.guide_size:
+        size = self.dino_input_size(slices.shape[2:])
+        if torch.jit.is_tracing() or tuple(slices.shape[2:]) != size:
             # antialias=True filters when downscaling and equals plain bilinear when upscaling; a grey image is
             # resized once and repeated to 3 channels afterwards, not resized three times
-            slices = F.interpolate(slices, size=self.guide_size, mode="bilinear", align_corners=False, antialias=True)
+            slices = F.interpolate(slices, size=size, mode="bilinear", align_corners=False, antialias=True)
         return (slices.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch -> DINO patch tokens ``(B * D', E, h, w)`` (one ViT call for all slices of the batch)."""
-        return self.encode_slices(self.to_slices(self.scale_intensity(x)))
+        if self.spatial_dims == 2:
+            return self.encode_slices(self.scale_intensity(x))
+        v = self.scale_intensity(self.pick_slices(x), reference=x)  # bounds from the whole volume
+        return self.encode_slices(v.reshape(-1, *v.shape[2:]))
 
     def num_guide_slices(self, x: torch.Tensor) -> int:
         """``D'``: how many slices of the 3D batch ``x`` the guide has (``ceil(size / slice_stride)``)."""
@@ -366,12 +448,13 @@ class GuideBranch(nn.Module):
     def encode_slices(self, slices: torch.Tensor) -> torch.Tensor:
         """2D slices ``(N, C, H, W)`` already scaled to ``[0, 1]`` -> DINO patch tokens ``(N, E, h, w)``."""
         dino_in = self.to_dino_input(slices)
-        grad = self.lora_rank > 0 and torch.is_grad_enabled()
+        grad = torch.is_grad_enabled() and self.vit_trainable
         amp = self.vit_dtype is not None and not torch.jit.is_tracing()
         with torch.set_grad_enabled(grad), torch.autocast(dino_in.device.type, dtype=self.vit_dtype, enabled=amp):
             feats = self.backbone.forward_intermediates(
-                dino_in, indices=[self.feature_index], intermediates_only=True, output_fmt="NCHW", stop_early=True
-            )
+                dino_in, indices=[self.feature_index], norm=self.token_norm, intermediates_only=True,
+                output_fmt="NCHW", stop_early=True,
+            )  # fmt: skip
         return feats[0].to(dino_in.dtype) if amp else feats[0]
 
     def tokens_to_guide(
@@ -452,10 +535,10 @@ class GuideBranch(nn.Module):
         if any(i < 0 or i >= n for i in idx):
             raise ValueError(f"guide slice indices must lie in [0, {n}), got {idx}.")
         batch = x.shape[0]
-        h, w = self.token_grid
+        h, w = self.token_grid_for(self.slice_shape(x))
         out = torch.zeros(batch, n, h, w, dtype=self.pixel_mean.dtype, device=x.device)
         if idx:
-            picked = x.movedim(2 + self.slice_axis, 1)[:, :: self.slice_stride][:, idx]  # (B, k, C, H, W)
+            picked = self.pick_slices(x, idx)  # (B, k, C, H, W)
             v = self.scale_intensity(picked, reference=x)  # bounds from the whole volume, applied to k slices
             g = self.token_book(self.encode_slices(v.reshape(-1, *v.shape[2:])))  # (B * k, 1, h, w)
             out[:, idx] = g.reshape(batch, len(idx), h, w).to(out.dtype)

@@ -25,7 +25,10 @@ class TokenBook(nn.Module):
     learned prototypes -> mean over prototypes -> ``(sim + 1) / 2``, giving ``(B, 1, *grid)``. Works on any number of
     grid dims. Options from GuiDINO ("Rethinking Vision Foundation Model in Medical Image Segmentation", 2026):
 
-    - ``ema_momentum``: keep an exponential moving average of the prototypes during training and use it at eval;
+    - ``ema_momentum``: keep an exponential moving average of the prototypes during training and use it at eval. The
+      average takes one step per optimizer update of the prototypes (however many times ``forward`` runs in between,
+      e.g. once per sample on the cached-token path): the first training ``forward`` after an update, or the switch to
+      ``eval()``, folds the new prototypes in;
     - ``sim_dropout``: during training drop whole prototype similarity maps with this probability (at least one kept);
     - ``token_sample_rate``: during training only this fraction of token positions carries gradient.
 
@@ -78,6 +81,24 @@ class TokenBook(nn.Module):
         self.proj = nn.Linear(in_channels, proj_channels)
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, proj_channels) / proj_channels**0.5)
         self.register_buffer("ema_prototypes", self.prototypes.detach().clone(), persistent=self.use_ema)
+        self._ema_seen = self.prototypes._version  # parameter version last folded into the EMA
+        self.register_load_state_dict_post_hook(_reset_ema_version)
+
+    def update_ema(self) -> bool:
+        """Fold the prototypes into their EMA once per optimizer update (a no-op when they have not changed since
+        the last call, or without EMA). Returns whether it stepped."""
+        version = self.prototypes._version
+        if not self.use_ema or version == self._ema_seen:
+            return False
+        with torch.no_grad():
+            self.ema_prototypes.mul_(self.ema_momentum).add_(self.prototypes.detach(), alpha=1 - self.ema_momentum)
+        self._ema_seen = version
+        return True
+
+    def train(self, mode: bool = True) -> TokenBook:
+        if self.training and not mode:
+            self.update_ema()  # the last optimizer step counts before the EMA prototypes are used
+        return super().train(mode)
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(B, E, L)`` or ``(K, E)`` raw tokens -> L2-normalised projected tokens ``(B, L, P)`` / ``(K, P)``."""
@@ -128,9 +149,8 @@ class TokenBook(nn.Module):
             neg_sim = torch.einsum("blp,bkp->blk", t, neg).amax(-1)
             ref = score if positive is None else torch.einsum("blp,bkp->blk", t, pos).amax(-1)
             guide = guide * torch.sigmoid((ref - neg_sim) * 10.0)
-        if self.training and self.use_ema:
-            with torch.no_grad():
-                self.ema_prototypes.mul_(self.ema_momentum).add_(self.prototypes.detach(), alpha=1 - self.ema_momentum)
+        if self.training:
+            self.update_ema()
         return guide.reshape(b, 1, *grid)
 
     def _extra(self, extra: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -139,3 +159,8 @@ class TokenBook(nn.Module):
         if extra.ndim != 3 or extra.shape[0] != batch or extra.shape[-1] != self.in_channels:
             raise ValueError(f"extra prototypes must be (K, {self.in_channels}) or (B, K, {self.in_channels}).")
         return self.project(extra.transpose(1, 2)).to(dtype)
+
+
+def _reset_ema_version(module: TokenBook, incompatible_keys: object) -> None:
+    """Loading a state dict is no optimizer update: the loaded EMA stays as loaded."""
+    module._ema_seen = module.prototypes._version

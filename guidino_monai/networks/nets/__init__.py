@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
-from .guided_segresnet import GateAt, GuidedSegResNet
+from .guided_base import GateAt, GuideOptions, check_spatial_shape
+from .guided_segresnet import GuidedSegResNet
 from .guided_unet import GuidedUNet
 
 GuidedUnet = GuidedUNet
 
-__all__ = ["GateAt", "GuidedSegResNet", "GuidedUNet", "GuidedUnet"]
+__all__ = ["GateAt", "GuideOptions", "GuidedSegResNet", "GuidedUNet", "GuidedUnet", "check_spatial_shape"]

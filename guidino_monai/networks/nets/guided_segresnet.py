@@ -17,120 +17,13 @@ from typing import Any
 
 import torch
 from monai.networks.nets import SegResNet
-from monai.utils import StrEnum, UpsampleMode
+from monai.utils import UpsampleMode
 
-from ..blocks.guide import GateMode, GuideBranch, gate_features
+from ..backbones import DEFAULT_GUIDE_BACKBONE
+from ..blocks.guide import GateMode, gate_features
+from .guided_base import GateAt, GuideOptions, check_spatial_shape
 
-__all__ = ["GateAt", "GuidedSegResNet", "GuideOptions", "check_spatial_shape"]
-
-
-class GateAt(StrEnum):
-    """Where the guide multiplies the backbone's features."""
-
-    INPUT = "input"  # the network input, at full resolution
-    BOTTLENECK = "bottleneck"  # the deepest encoder features
-    DECODER = "decoder"  # every decoder stage's output (not the final logits)
-
-
-def check_spatial_shape(x: torch.Tensor, spatial_dims: int, divisor: int, name: str) -> None:
-    """Validate a network input: dims, 1-voxel-thin axes and divisibility, with messages a user can act on."""
-    if x.ndim != spatial_dims + 2:
-        axes = "H, W" if spatial_dims == 2 else "X, Y, Z"
-        raise ValueError(
-            f"{name} with spatial_dims={spatial_dims} expects input (B, C, {axes}),"
-            f" got shape {tuple(x.shape)} with {x.ndim - 2} spatial dims."
-        )
-    spatial = tuple(x.shape[2:])
-    thin = [i for i, s in enumerate(spatial) if s < 2]
-    if thin:
-        raise ValueError(
-            f"{name} got a volume only 1 voxel thin along spatial axis {thin[0]} (shape {tuple(x.shape)});"
-            f" use spatial_dims={spatial_dims - 1} for single slices{'' if spatial_dims == 3 else ' (not possible)'}."
-        )
-    bad = [s for s in spatial if s % divisor]
-    if bad:
-        raise ValueError(
-            f"{name} needs every spatial size divisible by {divisor}, got {spatial}; pad the input first"
-            f" (e.g. monai.transforms.DivisiblePad(k={divisor})) or use an ROI that is a multiple of {divisor}."
-        )
-
-
-def _as_bool(value: Any, name: str) -> bool:
-    """A strict bool: command-line overrides such as ``--guide false`` arrive as strings, and ``bool("false")``
-    would be ``True``."""
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("true", "1", "yes", "on"):
-            return True
-        if v in ("false", "0", "no", "off"):
-            return False
-        raise ValueError(f"{name} must be a boolean, got {value!r}.")
-    return bool(value)
-
-
-class GuideOptions:
-    """Shared constructor handling of the guide arguments of the guided networks (a mixin)."""
-
-    guide: GuideBranch | None
-
-    def _init_guide(
-        self,
-        use_guide: bool,
-        spatial_dims: int,
-        in_channels: int,
-        guide_backbone: str,
-        guide_backbone_kwargs: dict[str, Any] | None,
-        pretrained_weights: str | os.PathLike | None,
-        lora_rank: int,
-        gate_at: GateAt | str,
-        gate_mode: GateMode | str,
-        guide_kwargs: dict[str, Any] | None,
-    ) -> None:
-        self.gate_at = GateAt(gate_at)
-        self.gate_residual = GateMode(gate_mode) == GateMode.RESIDUAL
-        self.use_guide = _as_bool(use_guide, "use_guide")
-        self.return_guide = False
-        if not self.use_guide:  # the plain backbone, same recipe without the guide (for fair comparisons)
-            self.guide = None
-            return
-        self.guide = GuideBranch(
-            spatial_dims,
-            in_channels,
-            backbone=guide_backbone,
-            backbone_kwargs=guide_backbone_kwargs,
-            pretrained_weights=pretrained_weights,
-            lora_rank=lora_rank,
-            **dict(guide_kwargs or {}),
-        )
-
-    def guide_read_sizes(self, spatial_size: Sequence[int]) -> list[tuple[int, ...]]:
-        """Grids at which a guide given for an input of ``spatial_size`` is read (resampled to gate features): the
-        bottleneck's for ``gate_at="bottleneck"``; the input's for ``"input"`` and, as an upper bound, ``"decoder"``.
-        Lets the sliding-window inferer skip guide slices that no window reads."""
-        if self.gate_at == GateAt.BOTTLENECK:
-            return [tuple(int(s) // self.size_divisor for s in spatial_size)]
-        return [tuple(int(s) for s in spatial_size)]
-
-    def compute_guide(
-        self,
-        x: torch.Tensor,
-        guide: torch.Tensor | None,
-        tokens: list[torch.Tensor] | None = None,
-        grid: torch.Tensor | None = None,
-    ) -> torch.Tensor | None:
-        if not self.use_guide:
-            return None
-        if tokens is not None:
-            if grid is None or tuple(grid.shape[1:-1]) != tuple(x.shape[2:]):
-                raise ValueError("cached guide tokens need a sampling grid (B, *spatial, dims) matching the input.")
-            return self.guide.guide_from_tokens(tokens, grid)
-        if guide is None:
-            return self.guide(x)
-        if guide.ndim != x.ndim or guide.shape[0] != x.shape[0] or guide.shape[1] != 1:
-            raise ValueError(
-                f"a precomputed guide must be (B, 1, ...) like {tuple(x.shape)}, got {tuple(guide.shape)}."
-            )
-        return guide
+__all__ = ["GuidedSegResNet"]
 
 
 class GuidedSegResNet(GuideOptions, SegResNet):
@@ -146,7 +39,8 @@ class GuidedSegResNet(GuideOptions, SegResNet):
 
     Args:
         spatial_dims ... upsample_mode: as :class:`monai.networks.nets.SegResNet`.
-        guide_backbone: timm DINOv2/DINOv3 model name. Defaults to ``"vit_small_patch14_dinov2"``.
+        guide_backbone: timm DINOv2/DINOv3 model name. Defaults to the paper's DINOv3 ViT-S/16
+            ``"vit_small_patch16_dinov3"``.
         guide_backbone_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"depth": 2}``).
         pretrained_weights: local DINO weight file/folder; ``None`` = random-init ViT (a warning says so).
         lora_rank: LoRA rank for the ViT, ``0`` keeps it frozen. Defaults to ``0``.
@@ -184,7 +78,7 @@ class GuidedSegResNet(GuideOptions, SegResNet):
         blocks_down: Sequence[int] = (1, 2, 2, 4),
         blocks_up: Sequence[int] = (1, 1, 1),
         upsample_mode: UpsampleMode | str = UpsampleMode.NONTRAINABLE,
-        guide_backbone: str = "vit_small_patch14_dinov2",
+        guide_backbone: str = DEFAULT_GUIDE_BACKBONE,
         guide_backbone_kwargs: dict[str, Any] | None = None,
         pretrained_weights: str | os.PathLike | None = None,
         lora_rank: int = 0,

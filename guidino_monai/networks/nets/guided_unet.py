@@ -20,43 +20,46 @@ import torch.nn as nn
 from monai.networks.layers.factories import Act, Norm
 from monai.networks.nets import UNet
 
+from ..backbones import DEFAULT_GUIDE_BACKBONE
 from ..blocks.guide import GateMode, gate_features
-from .guided_segresnet import GateAt, GuideOptions, check_spatial_shape
+from .guided_base import GateAt, GuideOptions, check_spatial_shape
 
 __all__ = ["GuidedUNet"]
 
 
-class _GuidedBottom(nn.Module):
-    """UNet bottom layer that may gate its output with the guide."""
+class _GuidedSkip(nn.Module):
+    """MONAI's ``SkipConnection(submodule)`` (``cat([x, submodule(x)])``, same ``submodule`` key) that passes the
+    guide down and may gate the bottom layer's output with it."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, submodule: nn.Module) -> None:
         super().__init__()
-        self.block = block
+        self.submodule = submodule
         self.gate = False
         self.residual = True
 
     def forward(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        x = self.block(x)
-        if self.gate:
-            x = gate_features(x, guide, self.residual)
-        return x
+        if isinstance(self.submodule, _GuidedConnection):
+            y = self.submodule(x, guide)
+        else:  # the bottom layer
+            y = self.submodule(x)
+            if self.gate:
+                y = gate_features(y, guide, self.residual)
+        return torch.cat([x, y], dim=1)
 
 
-class _GuidedConnection(nn.Module):
-    """``down -> [skip + subblock] -> up`` like MONAI's ``nn.Sequential(down, SkipConnection(sub), up)``, with the
-    guide passed down and optionally gating the decoder output."""
+class _GuidedConnection(nn.Sequential):
+    """``down -> skip(subblock) -> up`` exactly as MONAI's ``nn.Sequential(down, SkipConnection(sub), up)`` (same
+    state-dict keys, so MONAI ``UNet`` checkpoints load), with the guide passed down and optionally gating the
+    decoder output."""
 
     def __init__(self, down: nn.Module, sub: nn.Module, up: nn.Module) -> None:
-        super().__init__()
-        self.down = down
-        self.sub = sub if isinstance(sub, _GuidedConnection) else _GuidedBottom(sub)
-        self.up = up
+        super().__init__(down, _GuidedSkip(sub), up)
         self.gate = False
         self.residual = True
 
-    def forward(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
-        d = self.down(x)
-        u = self.up(torch.cat([d, self.sub(d, guide)], dim=1))
+    def forward(self, x: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        down, skip, up = self[0], self[1], self[2]
+        u = up(skip(down(x), guide))
         if self.gate:
             u = gate_features(u, guide, self.residual)
         return u
@@ -66,7 +69,9 @@ class GuidedUNet(GuideOptions, UNet):
     """MONAI :class:`~monai.networks.nets.UNet` gated by a GuiDINO guide mask (2D and 3D).
 
     Same contract as :class:`~guidino_monai.networks.GuidedSegResNet`: logits only in ``eval()``, ``(logits,
-    guide)`` in training. ``gate_at="input"`` gates the image, ``"bottleneck"`` the bottom layer's output,
+    guide)`` in training. The state-dict keys of the UNet part are MONAI ``UNet``'s (``model.0.*``,
+    ``model.1.submodule.*``, ...): ``use_guide=False`` loads a MONAI ``UNet`` checkpoint strictly, and a guided one
+    loads it with only the ``guide.*`` keys missing. ``gate_at="input"`` gates the image, ``"bottleneck"`` the bottom layer's output,
     ``"decoder"`` each decoder stage except the top one (which emits the logits).
 
     Args:
@@ -101,7 +106,7 @@ class GuidedUNet(GuideOptions, UNet):
         dropout: float = 0.0,
         bias: bool = True,
         adn_ordering: str = "NDA",
-        guide_backbone: str = "vit_small_patch14_dinov2",
+        guide_backbone: str = DEFAULT_GUIDE_BACKBONE,
         guide_backbone_kwargs: dict[str, Any] | None = None,
         pretrained_weights: str | os.PathLike | None = None,
         lora_rank: int = 0,
@@ -138,8 +143,10 @@ class GuidedUNet(GuideOptions, UNet):
             divisor *= int(s)
         self.size_divisor = divisor
         for m in self.model.modules():
-            if isinstance(m, _GuidedBottom):
-                m.gate, m.residual = self.use_guide and self.gate_at == GateAt.BOTTLENECK, self.gate_residual
+            if isinstance(m, _GuidedSkip):
+                bottom = not isinstance(m.submodule, _GuidedConnection)
+                m.gate = self.use_guide and self.gate_at == GateAt.BOTTLENECK and bottom
+                m.residual = self.gate_residual
             elif isinstance(m, _GuidedConnection):
                 m.gate = self.use_guide and self.gate_at == GateAt.DECODER and m is not self.model
                 m.residual = self.gate_residual
