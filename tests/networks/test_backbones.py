@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from parameterized import parameterized
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from testing_utils import SMALL_VIT, quiet_random_init_warning
 
 from guidino_monai.losses import GuidedDiceCELoss
@@ -212,7 +212,12 @@ class TestLoRA(unittest.TestCase):
         self.assertGreater(sum(float(g.abs().sum()) for g in grads), 0.0)
         self.assertGreater(float(net.guide.token_book.prototypes.grad.abs().sum()), 0.0)
         with tempfile.TemporaryDirectory() as d:  # adapters of a whole network save on their own too
-            save_lora_adapters(net, Path(d) / "a.safetensors")
+            saved = load_file(str(save_lora_adapters(net, Path(d) / "a.safetensors")))
+        lora_names = {n for n, _ in net.guide.backbone.named_parameters() if "lora_" in n}
+        self.assertEqual(len(saved), len(lora_names))
+        self.assertTrue(all("lora_" in k for k in saved))
+        for k, v in saved.items():  # the file holds the network's current adapter values
+            torch.testing.assert_close(v, net.guide.backbone.get_parameter(k.replace(".weight", ".default.weight")))
 
 
 if __name__ == "__main__":

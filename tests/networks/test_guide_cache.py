@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import unittest
 from unittest import mock
 
+import nibabel as nib
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import CacheDataset, DataLoader
-from monai.transforms import Compose, EnsureTyped, RandFlipd, RandSpatialCropd, SpatialPadd
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandFlipd, RandSpatialCropd
 from parameterized import parameterized
 from testing_utils import SMALL_VIT, quiet_random_init_warning
 
 from guidino_monai.engines import CachedGuidePrepareBatch
 from guidino_monai.networks import GuidedSegResNet, GuidedUNet, coords_to_grid, resample_guide, sample_guide
-from guidino_monai.transforms import AddCoordinatesd
+from guidino_monai.transforms import AddCoordinatesd, SpatialPadWithCoordinatesd
 
 quiet_random_init_warning()
 
@@ -132,43 +136,53 @@ class TestGuideCache(unittest.TestCase):
     def test_prepare_batch_runs_vit_once_per_volume(self):
         torch.manual_seed(0)
         net = make(3)
-        data = [{"image": torch.rand(1, 20, 30, 12), "label": torch.zeros(1, 20, 30, 12), "case_id": f"c{i}"}
-                for i in range(3)]  # fmt: skip
-        transform = Compose([
-            EnsureTyped(keys=["image", "label"]),
-            SpatialPadd(keys=["image", "label"], spatial_size=(16, 24, 8)),
-            AddCoordinatesd("image"),
-            RandSpatialCropd(keys=["image", "label", "coords"], roi_size=(16, 24, 8), random_size=False),
-            RandFlipd(keys=["image", "label", "coords"], prob=0.5, spatial_axis=1),
-        ])  # fmt: skip
-        ds = CacheDataset(data, transform, progress=False)
-        loader = DataLoader(ds, batch_size=2, shuffle=False, num_workers=0)
-        prep = CachedGuidePrepareBatch(net, ds)
-        calls = []
-        hook = net.guide.backbone.patch_embed.register_forward_hook(lambda *a: calls.append(1))  # one per ViT call
-        for _ in range(2):
-            for batch in loader:
-                image, label, args, kwargs = prep(batch, torch.device("cpu"))
-                self.assertEqual(set(kwargs), {"tokens", "grid"})
-                logits, guide = net.train()(image, **kwargs)
-                self.assertEqual(guide.shape, (image.shape[0], 1, 16, 24, 8))
-                # each sample's guide equals the whole-volume reference at its coordinates
-                for i, cid in enumerate(batch["case_id"]):
-                    vol = torch.as_tensor(prep._deterministic_item(cid)["image"])[None]
-                    full = resample_guide(net.guide.tokens_to_guide(net.guide.encode(vol), 1), vol.shape[2:])
-                    idx = batch["coords"][i].long()
-                    ref = full[0, 0][idx[0], idx[1], idx[2]]
-                    torch.testing.assert_close(guide[i, 0], ref, rtol=1e-2, atol=2e-3)  # tokens cached in fp16
-        hook.remove()
-        # 3 volumes encoded once each by the cache; 3 more by this test's own reference computation per batch item
+        rs = np.random.RandomState(0)
+        vols = [rs.rand(20, 30, 12).astype(np.float32) for _ in range(3)]
+        with tempfile.TemporaryDirectory() as d:
+            data = []  # MONAI-Label-style items: file paths only, no case_id
+            for i, v in enumerate(vols):
+                item = {"image": os.path.join(d, f"image{i}.nii.gz"), "label": os.path.join(d, f"label{i}.nii.gz")}
+                nib.save(nib.Nifti1Image(v, np.eye(4)), item["image"])
+                nib.save(nib.Nifti1Image(np.zeros_like(v), np.eye(4)), item["label"])
+                data.append(item)
+            transform = Compose([
+                LoadImaged(["image", "label"], image_only=True), EnsureChannelFirstd(["image", "label"]),
+                AddCoordinatesd("image"),
+                SpatialPadWithCoordinatesd(keys=["image", "label"], spatial_size=(16, 24, 8)),
+                RandSpatialCropd(keys=["image", "label", "coords"], roi_size=(16, 24, 8), random_size=False),
+                RandFlipd(keys=["image", "label", "coords"], prob=0.5, spatial_axis=1),
+            ])  # fmt: skip
+            ds = CacheDataset(data, transform, progress=False)
+            loader = DataLoader(ds, batch_size=2, shuffle=False, num_workers=0)
+            prep = CachedGuidePrepareBatch(net, ds)
+            calls = []
+            hook = net.guide.backbone.patch_embed.register_forward_hook(lambda *a: calls.append(1))  # per ViT call
+            with torch.no_grad():  # the reference: each volume as written, through the whole-volume guide
+                refs = {data[i]["image"]: resample_guide(net.guide(torch.from_numpy(v)[None, None]), v.shape)[0, 0]
+                        for i, v in enumerate(vols)}  # fmt: skip
+                arrays = {data[i]["image"]: torch.from_numpy(v) for i, v in enumerate(vols)}
+            n_ref = len(calls)
+            for _ in range(2):
+                for batch in loader:
+                    image, label, args, kwargs = prep(batch, torch.device("cpu"))
+                    self.assertEqual(set(kwargs), {"tokens", "grid"})
+                    logits, guide = net.train()(image, **kwargs)
+                    self.assertEqual(guide.shape, (image.shape[0], 1, 16, 24, 8))
+                    for i, path in enumerate(batch["image"].meta["filename_or_obj"]):
+                        idx = batch["coords"][i].long()
+                        # the coordinates point at the crop's voxels in the file ...
+                        torch.testing.assert_close(image[i, 0], arrays[path][idx[0], idx[1], idx[2]])
+                        # ... and each sample's guide is the whole-volume guide there
+                        ref = refs[path][idx[0], idx[1], idx[2]]
+                        torch.testing.assert_close(guide[i, 0], ref, rtol=1e-2, atol=2e-3)  # fp16 token cache
+            hook.remove()
         self.assertEqual(len(prep.tokens), 3)
-        self.assertEqual(len(calls), 3 + 2 * 3)
+        self.assertEqual(len(calls) - n_ref, 3)  # 3 volumes encoded once each over 2 epochs
 
     def test_fallbacks(self):
         net = make(3, lora_rank=2)
         prep = CachedGuidePrepareBatch(net, dataset=None)
-        batch = {"image": torch.rand(1, 1, 8, 8, 8), "label": torch.zeros(1, 1, 8, 8, 8), "coords": torch.zeros(1),
-                 "case_id": ["a"]}  # fmt: skip
+        batch = {"image": torch.rand(1, 1, 8, 8, 8), "label": torch.zeros(1, 1, 8, 8, 8), "coords": torch.zeros(1)}
         self.assertEqual(len(prep(batch)), 2, "LoRA trains the ViT: no cache")
         plain = make(3, use_guide=False)
         self.assertEqual(len(CachedGuidePrepareBatch(plain, None)(batch)), 2)

@@ -104,10 +104,12 @@ class TestGuidedNets(unittest.TestCase):
     @parameterized.expand([("segresnet", 3, BACKBONES[0]), ("unet", 2, BACKBONES[1]), ("unet", 3, BACKBONES[0])])
     def test_torchscript_export(self, kind, spatial_dims, backbone):
         """Eval-mode nets trace to TorchScript (as `monai.bundle ckpt_export --use_trace` does) and the saved
-        program gives the same logits, also for an input size other than the traced one."""
+        program gives the same logits, also for an input size other than the traced one whose slices have the same
+        aspect ratio (the DINO input size, and so the token grid, is fixed when tracing; a sliding-window inferer
+        always hands the network ROI-sized windows)."""
         net = make_net(kind, spatial_dims, backbone, "decoder").eval()
         x = torch.rand(1, 1, 32, 32, 16) if spatial_dims == 3 else torch.rand(1, 1, 64, 64)
-        x2 = torch.rand(1, 1, 40, 24, 24) if spatial_dims == 3 else torch.rand(1, 1, 48, 80)
+        x2 = torch.rand(1, 1, 40, 40, 24) if spatial_dims == 3 else torch.rand(1, 1, 48, 48)
         with torch.no_grad(), tempfile.TemporaryDirectory() as d:
             ts = torch.jit.trace(net, x, check_trace=False)
             path = os.path.join(d, "model.ts")

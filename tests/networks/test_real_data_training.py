@@ -7,6 +7,7 @@ import unittest
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from testing_utils import HIPPOCAMPUS_DIR, NO_HIPPOCAMPUS, SMALL_VIT, quiet_random_init_warning
@@ -15,6 +16,7 @@ from guidino_monai.losses import GuidedDiceCELoss
 from guidino_monai.networks import GuidedSegResNet
 
 quiet_random_init_warning()
+pytestmark = pytest.mark.slow  # real-data training: runs in CI, deselect locally with -m "not slow"
 
 
 def load_cases(n: int, size=(40, 56, 40)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import unittest
 
 import torch
+import torch.nn.functional as F
 from parameterized import parameterized
 from testing_utils import SMALL_VIT, quiet_random_init_warning
 
@@ -53,8 +54,10 @@ class TestTokenBook(unittest.TestCase):
         book.train()
         a, b = book(x), book(x)
         self.assertFalse(torch.allclose(a, b), "training outputs must vary with dropped prototypes")
-        book.eval()
-        torch.testing.assert_close(book(x), book(x))
+        book.eval()  # no dropout at eval: the mean over all prototypes, written out here
+        t = F.normalize(book.proj(x.flatten(2).transpose(1, 2)), dim=-1)
+        ref = (t @ F.normalize(book.prototypes, dim=-1).T).mean(-1).add(1).div(2).reshape(2, 1, 4, 4)
+        torch.testing.assert_close(book(x), ref)
 
     def test_token_sampling_masks_gradient(self):
         torch.manual_seed(0)
@@ -111,8 +114,8 @@ class TestGuideBranchInput(unittest.TestCase):
 
     def test_dino_input_normalised(self):
         self.branch.intensity_scaling = type(self.branch.intensity_scaling)("minmax")
-        slices = self.branch.to_dino_input(torch.ones(3, 1, 40, 30))
-        self.assertEqual(slices.shape, (3, 3, 28, 28))
+        slices = self.branch.to_dino_input(torch.ones(3, 1, 40, 20))
+        self.assertEqual(slices.shape, (3, 3, 32, 16))  # guide_size 28 -> 32 (patch 16), aspect ratio kept
         expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
         torch.testing.assert_close(slices[0, :, 5, 5], expected, rtol=1e-4, atol=1e-4)
 
@@ -125,14 +128,18 @@ class TestGuideBranchInput(unittest.TestCase):
         expected = [2, 2]
         expected.insert(axis, -(-x.shape[2 + axis] // stride))
         self.assertEqual(tuple(g.shape), (2, 1, *expected))
-        # slice k of the guide comes from slice k * stride of the volume alone
-        k = 1
+        # slice k of the guide comes from the volume at position (k + 0.5) * n / D' - 0.5 alone (linear between the
+        # two nearest voxel slices), written out here by hand
+        k, n = 1, x.shape[2 + axis]
+        d = -(-n // stride)
+        pos = (k + 0.5) * n / d - 0.5
+        lo, w = int(pos), pos - int(pos)
+        vol = x.movedim(2 + axis, 1)
+        raw = vol[:, lo] * (1 - w) + vol[:, min(lo + 1, n - 1)] * w  # (2, C, H, W)
         with torch.no_grad():
-            tokens = branch.backbone.forward_intermediates(
-                branch.to_dino_input(branch.to_slices(branch.scale_intensity(x))), indices=1, intermediates_only=True
-            )[0]
-        per_slice = tokens.reshape(2, -1, *tokens.shape[1:])[:, k]
-        ref = branch.token_book(per_slice)
+            scaled = branch.scale_intensity(raw, reference=x)
+            tokens = branch.backbone.forward_features(branch.to_dino_input(scaled))[:, 5:]  # 4 registers + cls
+            ref = branch.token_book(tokens.transpose(1, 2).reshape(2, -1, 2, 2))
         torch.testing.assert_close(g.movedim(2 + axis, 2)[:, :, k], ref, rtol=1e-5, atol=1e-6)
 
     def test_frozen_backbone_no_grad_and_eval(self):
@@ -154,7 +161,7 @@ class TestGuideBranchSpeedOptions(unittest.TestCase):
             tokens = branch.encode(x)
             self.assertEqual(ran, [0, 1])  # encode stopped after block 1
             full = branch.backbone.forward_intermediates(
-                branch.to_dino_input(branch.scale_intensity(x)), indices=[1], intermediates_only=True
+                branch.to_dino_input(branch.scale_intensity(x)), indices=[1], intermediates_only=True, norm=True
             )[0]
         self.assertEqual(ran, [0, 1, 0, 1, 2, 3])  # the reference ran all four blocks
         torch.testing.assert_close(tokens, full, rtol=0, atol=0)

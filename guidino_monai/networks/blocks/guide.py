@@ -382,6 +382,8 @@ class GuideBranch(nn.Module):
         """The guide's slices of ``x (B, C, X, Y, Z)`` as ``(B, k, C, H, W)``: all ``D'`` or those in ``idx``, each
         the image at :func:`guide_slice_positions` (linear interpolation between the two nearest voxel slices)."""
         v = x.movedim(2 + self.slice_axis, 1)  # (B, S, C, H, W)
+        if self.slice_stride == 1 and idx is None:
+            return v  # every slice (no indexing: a traced network keeps a dynamic slice count)
         pos = guide_slice_positions(v.shape[1], self.slice_stride)
         if idx is not None:
             pos = pos[list(idx)]
