@@ -5,7 +5,13 @@ Usage (CPU, real data in ../shared/data; about 30 minutes with the defaults on 2
 
     python benchmarks/bundle_guide_benefit.py --out benchmarks/results/guide_benefit.json
 
-The guide ViT is random-init unless --pretrained_weights names a local DINOv2 file: say so when quoting numbers.
+Further guided variants (same recipe, one config change each) with ``--variants``, e.g. the paper's multiplicative gate
+and other guide resolutions::
+
+    python benchmarks/bundle_guide_benefit.py --tasks hippocampus \
+        --variants plain guided guided+gate_mode=multiply "guided+guide_kwargs#guide_size=112"
+
+The guide ViT is random-init unless --pretrained_weights names a local DINOv2/DINOv3 file: say so when quoting numbers.
 """
 
 from __future__ import annotations
@@ -41,6 +47,21 @@ def run(bundle_src: Path, work: Path, configs: list[str], wtype: str, **override
     return wf
 
 
+def parse_variant(spec: str) -> tuple[bool, dict]:
+    """``plain`` / ``guided`` optionally followed by ``+key=value`` config overrides (values parsed as JSON)."""
+    base, *changes = spec.split("+")
+    if base not in ("plain", "guided"):
+        raise ValueError(f"a variant starts with 'plain' or 'guided', got {spec!r}.")
+    overrides = {}
+    for change in changes:
+        key, _, value = change.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return base == "guided", overrides
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["hippocampus", "fetalhead"])
@@ -50,6 +71,7 @@ def main() -> int:
     p.add_argument("--fetalhead_cases", type=int, default=150)
     p.add_argument("--pretrained_weights", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", nargs="+", default=["plain", "guided"], help="plain, guided, guided+key=value ...")
     p.add_argument("--work", default=str(REPO / "benchmarks" / "runs"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "guide_benefit.json"))
     args = p.parse_args()
@@ -65,12 +87,13 @@ def main() -> int:
         src = REPO / "bundles" / name
         epochs = getattr(args, f"{task}_epochs")
         cases = getattr(args, f"{task}_cases")
-        for variant in ("plain", "guided"):
-            work = Path(args.work) / f"{task}_{variant}"
+        for variant in args.variants:
+            guided, overrides = parse_variant(variant)
+            work = Path(args.work) / f"{task}_{''.join(c if c.isalnum() else '_' for c in variant)}"
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
-            common = dict(dataset_dir=str(data), max_cases=cases, seed=args.seed, guide=variant == "guided",
-                          pretrained_weights=args.pretrained_weights, num_workers=0, progress=False)  # fmt: skip
+            common = dict(dataset_dir=str(data), max_cases=cases, seed=args.seed, guide=guided,
+                          pretrained_weights=args.pretrained_weights, num_workers=0, progress=False, **overrides)  # fmt: skip
             t0 = time.perf_counter()
             run(src, work, ["train.json"], "train", epochs=epochs, resume=False, **common)
             train_s = time.perf_counter() - t0
@@ -78,7 +101,7 @@ def main() -> int:
             run(src, work, ["train.json", "evaluate.json"], "eval", **common)
             eval_s = time.perf_counter() - t0
             summary = json.load(open(work / "eval" / "metrics_summary.json"))
-            row = {"task": task, "variant": variant, "epochs": epochs, "cases": cases, "train_s": train_s,
+            row = {"task": task, "variant": variant, "overrides": overrides, "epochs": epochs, "cases": cases, "train_s": train_s,
                    "eval_s": eval_s, "num_val_cases": summary["num_cases"], "mean_dice": summary["mean_dice"],
                    "pretrained_guide": bool(args.pretrained_weights)}  # fmt: skip
             for k, v in summary["metrics"].items():
@@ -96,21 +119,25 @@ def main() -> int:
 def format_table(rows: list[dict]) -> str:
     lines = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        plain = next((r for r in rows if r["task"] == task and r["variant"] == "plain"), None)
-        guided = next((r for r in rows if r["task"] == task and r["variant"] == "guided"), None)
-        if not (plain and guided):
+        task_rows = [r for r in rows if r["task"] == task]
+        plain = next((r for r in task_rows if r["variant"] == "plain"), None)
+        others = [r for r in task_rows if r is not plain]
+        if not (plain and others):
             continue
         keys = [k for k in plain if k.startswith(("dice_", "hd95_mm_", "hc_abs_error_mm"))] + ["mean_dice", "train_s"]
         lines.append(
             f"\n{task}: {plain['cases']} cases ({plain['num_val_cases']} validation), {plain['epochs']} epochs,"
-            f" guide {'pretrained' if guided['pretrained_guide'] else 'RANDOM-INIT ViT (no DINO weights)'}"
+            f" guide {'pretrained' if others[0]['pretrained_guide'] else 'RANDOM-INIT ViT (no DINO weights)'}"
         )
-        lines.append("| metric | plain | guided | guided/plain |")
-        lines.append("| --- | --- | --- | --- |")
+        lines.append("| metric | plain | " + " | ".join(f"{r['variant']} | /plain" for r in others) + " |")
+        lines.append("| --- | --- |" + " --- | --- |" * len(others))
         for k in keys:
-            a, b = plain.get(k, float("nan")), guided.get(k, float("nan"))
-            ratio = b / a if a else float("nan")
-            lines.append(f"| {k} | {a:.4g} | {b:.4g} | {ratio:.3f} |")
+            a = plain.get(k, float("nan"))
+            cells = []
+            for r in others:
+                b = r.get(k, float("nan"))
+                cells.append(f"{b:.4g} | {b / a if a else float('nan'):.3f}")
+            lines.append(f"| {k} | {a:.4g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
