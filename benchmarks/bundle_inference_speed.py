@@ -43,11 +43,13 @@ def load(path: Path, dims: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
 
 
-def build(bundle: str, guided: bool, vit_dtype: str | None):
+def build(bundle: str, guided: bool, vit_dtype: str | None, guide_size: int | None = None):
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
     parser["guide"] = guided
     parser["guide_kwargs"]["vit_dtype"] = vit_dtype
+    if guide_size is not None:
+        parser["guide_kwargs"]["guide_size"] = guide_size
     parser["bundle_root"] = str(REPO / "bundles" / bundle)
     parser["tta_axes"] = []
     parser["save_guide"] = False
@@ -61,6 +63,8 @@ def main() -> int:
     p.add_argument("--images", type=int, default=6, help="real images per bundle")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--guide_sizes", nargs="*", type=int, default=[],
+                   help="also time the guided network at these guide sizes (the DINO input's longer side)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     rows = []
@@ -73,6 +77,8 @@ def main() -> int:
         images = [load(f, 3 if name == "hippocampus" else 2) for f in files]
         variants = {"plain": build(bundle, False, None), "guided": build(bundle, True, None),
                     "guided_vit_bf16": build(bundle, True, "bfloat16")}  # fmt: skip
+        for gs in args.guide_sizes:
+            variants[f"guided_guide_size_{gs}"] = build(bundle, True, None, gs)
         times: dict[str, list[float]] = {v: [] for v in variants}
         with torch.inference_mode():
             for net, inferer in variants.values():  # warm-up
@@ -85,7 +91,7 @@ def main() -> int:
                     times[v].append((time.perf_counter() - t0) / len(images) * 1000)
         plain = statistics.median(times["plain"])
         shape = "x".join(str(s) for s in images[0].shape[2:])
-        for v in ("guided", "guided_vit_bf16"):
+        for v in [v for v in variants if v != "plain"]:
             ms = statistics.median(times[v])
             rows.append({"bundle": bundle, "variant": v, "images": len(images), "first_image_shape": shape,
                          "plain_ms": round(plain, 1), "guided_ms": round(ms, 1),

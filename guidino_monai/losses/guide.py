@@ -526,10 +526,18 @@ class GuidedDiceCELoss(_Loss):
         self.lambda_guide = float(lambda_guide)
         self.lambda_hinge = float(lambda_hinge)
 
+    def _segmentation_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss: torch.Tensor = self.dice_ce(logits, target)
+        if self.hinge is not None:
+            loss = loss + self.lambda_hinge * self.hinge(logits, target)
+        return loss
+
     def forward(self, input: torch.Tensor | Sequence | Mapping, target: torch.Tensor) -> torch.Tensor:
         """
         Args:
             input: logits ``BNH[WD]`` (eval/validation), or the guided network's training output ``(logits, guide)``
+                (with deep supervision the logits are ``B(1+K)NH[WD]``, DynUNet's stacked heads: the DiceCE and hinge
+                terms are taken at every head and weighted ``1, 1/2, 1/4, ...`` (normalised), the guide term once)
                 / ``{"pred": logits, "guide": guide}`` with ``guide`` of shape ``B1G[G'G'']`` in [0, 1].
             target: a label map ``B1H[WD]`` or one-hot ``BNH[WD]``, as for ``monai.losses.DiceCELoss``.
 
@@ -542,9 +550,12 @@ class GuidedDiceCELoss(_Loss):
             the total loss, a scalar.
         """
         logits, guide = split_guided_output(input)
-        loss: torch.Tensor = self.dice_ce(logits, target)
-        if self.hinge is not None:
-            loss = loss + self.lambda_hinge * self.hinge(logits, target)
+        if logits.ndim == target.ndim + 1:  # deep supervision: (B, 1 + heads, C, *spatial), as DynUNet stacks it
+            heads = logits.unbind(1)
+            weights = [0.5**i for i in range(len(heads))]
+            loss = sum(w * self._segmentation_loss(h, target) for w, h in zip(weights, heads)) / sum(weights)
+        else:
+            loss = self._segmentation_loss(logits, target)
         if guide is not None and self.lambda_guide > 0.0:
             loss = loss + self.lambda_guide * self.guide_loss(guide, target)
         return loss

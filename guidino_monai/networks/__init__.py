@@ -37,7 +37,7 @@ from .blocks import (
     resample_guide,
     sample_guide,
 )
-from .nets import GateAt, GuidedSegResNet, GuidedUNet, GuidedUnet
+from .nets import GateAt, GuidedDynUNet, GuidedSegResNet, GuidedUNet, GuidedUnet
 
 __all__ = [
     "DEFAULT_GUIDE_BACKBONE",
@@ -47,6 +47,7 @@ __all__ = [
     "GateMode",
     "GuideBranch",
     "GuideWeightsError",
+    "GuidedDynUNet",
     "GuidedSegResNet",
     "GuidedUNet",
     "GuidedUnet",

@@ -12,9 +12,10 @@
 from __future__ import annotations
 
 from .guided_base import GateAt, GuideOptions, check_spatial_shape
+from .guided_dynunet import GuidedDynUNet
 from .guided_segresnet import GuidedSegResNet
 from .guided_unet import GuidedUNet
 
 GuidedUnet = GuidedUNet
 
-__all__ = ["GateAt", "GuideOptions", "GuidedSegResNet", "GuidedUNet", "GuidedUnet", "check_spatial_shape"]
+__all__ = ["GateAt", "GuideOptions", "GuidedDynUNet", "GuidedSegResNet", "GuidedUNet", "GuidedUnet", "check_spatial_shape"]
