@@ -13,25 +13,30 @@ the zoo's own ``_produce_fake_weights``: the checks are about shapes and exporta
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import logging
 import os
 import re
-import shutil
-import subprocess
 import sys
-import sysconfig
 import tempfile
-import threading
 import unittest
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from bundle_utils import BUNDLES, FAST, FETAL, HIPPO, SCHEMA, copy_bundle, infer_overrides
+from bundle_utils import (
+    FAST,
+    FETAL,
+    HIPPO,
+    SCHEMA,
+    LoopbackRelease,
+    clean_python,
+    copy_bundle,
+    infer_overrides,
+    network_from_config,
+    run_py,
+)
 from monai.bundle import ConfigParser
 from parameterized import parameterized
 from testing_utils import quiet_random_init_warning
@@ -42,52 +47,6 @@ from guidino_monai.data import make_demo_dataset
 
 ZOO_CI = Path(__file__).resolve().parent / "zoo_ci.py"
 TASK = {HIPPO: "hippocampus", FETAL: "fetalhead"}
-
-
-def clean_python(venv: Path) -> Path:
-    """A venv that sees this environment's packages but not guidino_monai (the editable install's .pth never runs).
-
-    ``--system-site-packages`` would process the global ``.pth`` files, among them the editable install's import
-    hook; a plain path line in a ``.pth`` of the venv adds the global folders without processing theirs.
-    """
-    import venv as venv_mod
-
-    venv_mod.create(venv, with_pip=False, symlinks=True)
-    py = venv / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
-    Path(site, "_global_packages.pth").write_text("\n".join(paths) + "\n")
-    return py
-
-
-def run_py(py: Path, *args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([str(py), *args], cwd=str(cwd), env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
-
-
-def network_from_config(bundle: Path, **override) -> torch.nn.Module:
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser.update(override)
-    return parser.get_parsed_content("network_def")
-
-
-class LoopbackRelease:
-    """A folder served over HTTP on 127.0.0.1 (the "release" the weights are uploaded to)."""
-
-    def __init__(self, folder: Path):
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-        handler.log_message = lambda *a, **k: None
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.mark.slow
