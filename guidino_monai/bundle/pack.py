@@ -118,7 +118,7 @@ def _zip_dir(stage: Path, zip_path: Path) -> None:
                     info = zipfile.ZipInfo.from_file(path, str(path.relative_to(stage.parent)))
                     info.external_attr = (stat.S_IFREG | _MODE) << 16  # rw-r--r-- for whoever unzips it
                     info.compress_type = zipfile.ZIP_DEFLATED
-                    with open(path, "rb") as src, zf.open(info, "w") as dst:
+                    with open(path, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
 
     atomic_write(zip_path, write_zip)

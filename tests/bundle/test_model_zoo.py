@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import unittest
@@ -84,8 +85,8 @@ class TestModelZooCI(unittest.TestCase):
         cls.release.close()
         cls.tmp.cleanup()
 
-    def zoo_ci(self, *args: str, timeout: int = 900) -> str:
-        r = run_py(self.py, str(ZOO_CI), *args, cwd=self.zoo, timeout=timeout)
+    def zoo_ci(self, *args: str, timeout: int = 900, script: bool = True, zoo: Path | None = None) -> str:
+        r = run_py(self.py, *([str(ZOO_CI)] if script else []), *args, cwd=zoo or self.zoo, timeout=timeout)
         out = r.stdout + r.stderr
         self.assertEqual(r.returncode, 0, out[-6000:])
         return out
@@ -139,13 +140,18 @@ class TestModelZooCI(unittest.TestCase):
 
     @parameterized.expand([(HIPPO,), (FETAL,)])
     def test_unit_tests_and_dist(self, name):
-        bundle = self.zoo / "models" / name
-        data = make_demo_dataset(self.zoo / "data" / name, TASK[name], num_cases=12)
+        zoo = self.zoo.parent / f"zoo_unit_{name}"  # its own copy: training writes models/model.pt
+        bundle = zoo / "models" / name
+        shutil.copytree(self.zoo / "models" / name, bundle)
+        data = make_demo_dataset(zoo / "data" / name, TASK[name], num_cases=12)
         override = {**FAST[name], "dataset_dir": data}
         infer = {**infer_overrides(name), "dataset_dir": str(Path(data) / "imagesTr"),
-                 "output_dir": str(self.zoo / "infer_out" / name)}  # fmt: skip
+                 "output_dir": str(zoo / "infer_out" / name)}  # fmt: skip
         out = self.zoo_ci("unit", f"models/{name}", "--override", json.dumps(override), "--infer-override",
-                          json.dumps(infer), "--dist")  # fmt: skip
+                          json.dumps(infer), zoo=zoo)  # fmt: skip
+        # the zoo runs its _dist tests under torchrun (one process), which then starts torchrun x2 per config
+        out += self.zoo_ci("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(ZOO_CI), "dist",
+                           f"models/{name}", "--override", json.dumps(override), script=False, zoo=zoo)  # fmt: skip
         for step in ("unit_train:", "unit_eval:", "unit_infer:", "dist_train:", "dist_eval:"):
             self.assertIn(f"ZOO {step}", out)
         self.assertIn(f"guidino_monai from {bundle / 'scripts' / 'guidino_monai'}", out)
@@ -156,7 +162,7 @@ class TestModelZooCI(unittest.TestCase):
         cases = [r.split(",")[0] for r in rows]
         self.assertEqual(len(cases), len(set(cases)))
         self.assertTrue(0 < len(cases) < 12, cases)
-        segs = sorted((self.zoo / "infer_out" / name).glob("*_seg.nii.gz"))
+        segs = sorted((zoo / "infer_out" / name).glob("*_seg.nii.gz"))
         self.assertEqual(len(segs), 12)
 
 

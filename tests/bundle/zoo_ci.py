@@ -20,7 +20,8 @@ install it): the bundle brings its own copy under ``scripts/``. Every step print
 
     python zoo_ci.py requirements models/<bundle>
     python zoo_ci.py verify models/<bundle> --schema <schema.json> [--script-export]
-    python zoo_ci.py unit models/<bundle> --override '<json>' --infer-override '<json>' [--dist]
+    python zoo_ci.py unit models/<bundle> --override '<json>' --infer-override '<json>'
+    torchrun --standalone --nproc_per_node=1 zoo_ci.py dist models/<bundle> --override '<json>'  # as the zoo runs it
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def _torchrun(config_file: str, bundle: str, override: dict, nproc: int) -> None
     subprocess.check_call(cmd, env=env)
 
 
-def unit(bundle: str, override: dict, infer_override: dict, dist: bool, nproc: int = 2) -> None:
+def unit(bundle: str, override: dict, infer_override: dict) -> None:
     from monai.bundle import ConfigWorkflow
 
     no_guidino_monai("unit")
@@ -227,8 +228,21 @@ def unit(bundle: str, override: dict, infer_override: dict, dist: bool, nproc: i
     _check_workflow(ConfigWorkflow(workflow_type="infer", config_file=os.path.join(cfg, "inference.json"), **common,
                                    **infer))  # fmt: skip
     say("unit_infer", "inference with the checkpoint loader disabled, properties checked")
-    if not dist:
-        return
+
+
+def dist(bundle: str, override: dict, nproc: int = 2) -> None:
+    """The ``_dist`` unit test. The zoo runs it under ``torchrun`` (one process: ``torchrun runner.py --dist True``),
+    which is what lets its ``check_config`` step initialise the process group of ``multi_gpu_evaluate.json``."""
+    from monai.bundle import ConfigWorkflow
+
+    if "RANK" not in os.environ:
+        raise SystemExit("run the dist step under torchrun, as the zoo does")
+    no_guidino_monai("dist")
+    sys.path = [bundle] + sys.path
+    cfg = os.path.join(bundle, "configs")
+    common = dict(logging_file=os.path.join(cfg, "logging.conf"), meta_file=os.path.join(cfg, "metadata.json"))
+    override = {"bundle_root": bundle, **override}
+    train, evaluate = os.path.join(cfg, "train.json"), os.path.join(cfg, "evaluate.json")
     out = os.path.join(cfg, "train_override.json")
     _export_overridden([train, os.path.join(cfg, "multi_gpu_train.json")], override, out)
     _torchrun(out, bundle, override, nproc)
@@ -246,20 +260,21 @@ def unit(bundle: str, override: dict, infer_override: dict, dist: bool, nproc: i
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=["requirements", "verify", "unit"])
+    p.add_argument("step", choices=["requirements", "verify", "unit", "dist"])
     p.add_argument("bundle", help="models/<bundle>")
     p.add_argument("--schema", default=None)
     p.add_argument("--script-export", action="store_true")
     p.add_argument("--override", default="{}")
     p.add_argument("--infer-override", default="{}")
-    p.add_argument("--dist", action="store_true")
     a = p.parse_args(argv)
     if a.step == "requirements":
         print("\n".join(requirements(a.bundle)))
     elif a.step == "verify":
         verify(a.bundle, a.schema, a.script_export)
+    elif a.step == "unit":
+        unit(a.bundle, json.loads(a.override), json.loads(a.infer_override))
     else:
-        unit(a.bundle, json.loads(a.override), json.loads(a.infer_override), a.dist)
+        dist(a.bundle, json.loads(a.override))
     return 0
 
 
