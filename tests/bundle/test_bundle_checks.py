@@ -95,6 +95,8 @@ class TestBundleDocs(unittest.TestCase):
                 continue
             self.assertTrue((BUNDLES / name / ref).exists(), f"{name}: README names {ref}, which the bundle lacks")
         self.assertTrue((BUNDLES / name / "docs" / "data_license.txt").is_file())
+        other = "fetal" if name == HIPPO else "hippocampus"  # no phrase copied from the other bundle's README
+        self.assertNotIn(other, text.lower())
 
     @parameterized.expand([(HIPPO,), (FETAL,)])
     def test_eval_metrics_are_the_readme_figures(self, name):

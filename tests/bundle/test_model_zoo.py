@@ -184,6 +184,19 @@ class TestUnpublishedWeights(unittest.TestCase):
             self.assertIn("no trained weights have been published", str(err.exception))
             self.assertFalse((bundle / "models" / "model.pt").exists())
 
+    def test_published_but_missing_weights_give_the_download_command(self):
+        from guidino_monai.bundle.weights import require_weights, write_large_files
+
+        with tempfile.TemporaryDirectory() as d:
+            bundle = copy_bundle(FETAL, Path(d))
+            write_large_files(bundle, [{"path": "models/model.pt", "url": "https://example.org/r/model.pt",
+                                        "hash_val": "0" * 64, "hash_type": "sha256"}])  # fmt: skip
+            with self.assertRaises(FileNotFoundError) as err:
+                require_weights(bundle / "models" / "model.pt", bundle)
+            self.assertNotIsInstance(err.exception, WeightsNotPublishedError)
+            self.assertIn("https://example.org/r/model.pt", str(err.exception))
+            self.assertIn("python -m guidino_monai.bundle.weights", str(err.exception))
+
     def test_tampered_weights_fail_the_hash_check(self):
         from monai.apps.utils import HashCheckError
 
