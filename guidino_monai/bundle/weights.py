@@ -19,7 +19,7 @@ that name; :func:`download_weights` and :func:`require_weights` say it in words.
 
 Usage::
 
-    python -m guidino_monai.bundle.weights bundles/guidino_hippocampus_mri_segmentation   # download + check sha256
+    python -m guidino_monai.bundle.download bundles/guidino_hippocampus_mri_segmentation   # download + check sha256
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,7 @@ def require_weights(path: str | os.PathLike, bundle_root: str | os.PathLike | No
     if entry is not None:
         raise FileNotFoundError(
             f"trained weights: {p} does not exist. They are published at {entry['url']}: download and check them with"
-            f" `python -m guidino_monai.bundle.weights {root}`."
+            f" `python -m guidino_monai.bundle.download {root}`."
         )
     raise FileNotFoundError(f"trained weights: {p} does not exist (run configs/train.json first).")
 
@@ -207,7 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle_dir", help="bundle folder with large_files.yml")
     args = parser.parse_args(argv)
-    for path in download_weights(args.bundle_dir, progress=True):
+    try:
+        paths = download_weights(args.bundle_dir, progress=True)
+    except WeightsNotPublishedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
         print(path)
     return 0
 

@@ -198,7 +198,7 @@ class TestUnpublishedWeights(unittest.TestCase):
                 require_weights(bundle / "models" / "model.pt", bundle)
             self.assertNotIsInstance(err.exception, WeightsNotPublishedError)
             self.assertIn("https://example.org/r/model.pt", str(err.exception))
-            self.assertIn("python -m guidino_monai.bundle.weights", str(err.exception))
+            self.assertIn("python -m guidino_monai.bundle.download", str(err.exception))
 
     def test_tampered_weights_fail_the_hash_check(self):
         from monai.apps.utils import HashCheckError

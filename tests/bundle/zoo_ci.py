@@ -112,7 +112,7 @@ def download_large_files(bundle: str) -> None:
 
 def verify(bundle: str, schema: str, script_export: bool) -> None:
     import torch
-    from monai.bundle import ckpt_export, create_workflow, verify_metadata, verify_net_in_out
+    from monai.bundle import ConfigParser, ckpt_export, create_workflow, verify_metadata, verify_net_in_out
     from monai.bundle.properties import InferProperties, MetaProperties
 
     no_guidino_monai("verify")
@@ -169,7 +169,7 @@ def verify(bundle: str, schema: str, script_export: bool) -> None:
             while cause.__cause__ is not None:
                 cause = cause.__cause__
             say("export_script", f"FAIL {type(cause).__name__}: {str(cause).splitlines()[0][:200]}")
-    parser = __import__("monai.bundle", fromlist=["ConfigParser"]).ConfigParser()
+    parser = ConfigParser()
     parser.read_config(config)
     shape = [1, int(parser["network_def"].get("in_channels", 1)), *parser["roi_size"]]
     ckpt_export(filepath=os.path.join(bundle, "models", "verify_model_traced.ts"), use_trace=True, input_shape=shape,
