@@ -25,6 +25,7 @@ from .utils import (
     prepare_datalists,
     require_file,
 )
+from .weights import WeightsNotPublishedError, download_weights, require_loader_weights, require_weights
 
 __all__ = [
     "HeadCircumferenceReport",
@@ -32,12 +33,16 @@ __all__ = [
     "ProgressBar",
     "SegmentationReport",
     "TrainingCheckpoint",
+    "WeightsNotPublishedError",
     "case_metrics",
+    "download_weights",
     "find_bundle_root",
     "inference_datalist",
     "is_main_process",
     "loss_of",
     "prepare_datalists",
     "require_file",
+    "require_loader_weights",
+    "require_weights",
     "save_overlay",
 ]

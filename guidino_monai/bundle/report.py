@@ -259,7 +259,18 @@ class SegmentationReport(_CaseRowsHandler):
         out["mean_dice"] = float(np.nanmean(dices)) if dices else float("nan")
         return out
 
+    def _gather_rows(self) -> bool:
+        """Under torch.distributed, collect every rank's rows on all ranks; return whether this rank writes."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return True
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, self.rows)
+        self.rows = sorted((r for p in parts for r in p), key=lambda r: str(r["case"]))
+        return torch.distributed.get_rank() == 0
+
     def completed(self, engine: Any = None) -> None:
+        if not self._gather_rows():
+            return
         if not self.rows:
             logger.warning("evaluation saw no cases; nothing written")
             return

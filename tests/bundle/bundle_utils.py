@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
+import os
 import shutil
+import subprocess
+import sysconfig
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
-from monai.bundle import ConfigWorkflow
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
 from testing_utils import REPO_ROOT, SHARED_DATA
 
 BUNDLES = REPO_ROOT / "bundles"
@@ -71,3 +78,49 @@ def run_workflow(bundle: Path, configs: list[str], workflow_type: str = "train",
     wf.run()
     wf.finalize()
     return wf
+
+
+def clean_python(venv: Path) -> Path:
+    """A venv that sees this environment's packages but not guidino_monai (the editable install's .pth never runs).
+
+    ``--system-site-packages`` would process the global ``.pth`` files, among them the editable install's import
+    hook; a plain path line in a ``.pth`` of the venv adds the global folders without processing theirs.
+    """
+    import venv as venv_mod
+
+    venv_mod.create(venv, with_pip=False, symlinks=True)
+    py = venv / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    Path(site, "_global_packages.pth").write_text("\n".join(paths) + "\n")
+    return py
+
+
+def run_py(py: Path, *args: str, cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([str(py), *args], cwd=str(cwd), env={**base, "OMP_NUM_THREADS": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def network_from_config(bundle: Path, **override) -> torch.nn.Module:
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.update(override)
+    return parser.get_parsed_content("network_def")
+
+
+class LoopbackRelease:
+    """A folder served over HTTP on 127.0.0.1 (the "release" the weights are uploaded to)."""
+
+    def __init__(self, folder: Path):
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *a, **k: None
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -3,25 +3,40 @@ and packing a bundle into a zip that `monai.bundle download` fetches from a loop
 
 from __future__ import annotations
 
-import functools
-import http.server
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import unittest
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
-from bundle_utils import BUNDLES, FAST, FETAL, HIPPO, SCHEMA, copy_bundle, infer_overrides, run_workflow
+import zoo_ci
+from bundle_utils import (
+    BUNDLES,
+    FAST,
+    FETAL,
+    HIPPO,
+    SCHEMA,
+    LoopbackRelease,
+    clean_python,
+    copy_bundle,
+    infer_overrides,
+    network_from_config,
+    run_py,
+    run_workflow,
+)
 from parameterized import parameterized
 from testing_utils import REPO_ROOT
 
 from guidino_monai.bundle.pack import pack_bundle
+from guidino_monai.bundle.weights import WeightsNotPublishedError
 from guidino_monai.data import DatasetError, make_demo_dataset
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -52,6 +67,65 @@ class TestMetadataAndNetwork(unittest.TestCase):
                          "--n", "4", "--p", "1")  # fmt: skip
         self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-3000:])
         self.assertIn("data shape of network is verified with no error", r.stdout + r.stderr)
+
+
+#: eval_metrics key -> the row of the README results table whose guided column it must equal
+README_METRICS = {
+    HIPPO: {"val_mean_dice": "mean Dice", "val_dice_anterior": "Dice anterior", "val_dice_posterior": "Dice posterior"},
+    FETAL: {"val_mean_dice": "Dice fetal head", "val_hd95_mm": "HD95 (mm)", "val_hc_abs_error_mm": "HC absolute error (mm)"},
+}
+ZOO_README_SECTIONS = ("Authors", "Tags", "Model Description", "Data", "Performance", "System Configuration",
+                       "Limitations", "Citation Info", "References", "License")  # fmt: skip
+
+
+class TestBundleDocs(unittest.TestCase):
+    """What a model-zoo reviewer reads: README sections, no references that break once the bundle leaves the repo,
+    metadata figures that are the README's measured ones, licences."""
+
+    @parameterized.expand([(HIPPO,), (FETAL,)])
+    def test_readme_template_sections_and_no_outside_links(self, name):
+        text = (BUNDLES / name / "docs" / "README.md").read_text()
+        headings = [h.strip("#* ").strip() for h in text.splitlines() if h.startswith("#")]
+        for section in ZOO_README_SECTIONS:
+            self.assertIn(section, headings, f"{name}: README lacks the zoo template's section {section!r}")
+        for bad in ("../", "docs/performance.md", "shared/data", "](http", "](/"):
+            self.assertNotIn(bad, text, f"{name}: README refers outside the bundle ({bad!r})")
+        for ref in re.findall(r"`((?:configs|docs|scripts)/[A-Za-z0-9_.]+)`", text):  # in-bundle files must exist
+            if ref == "scripts/guidino_monai":  # added by pack: checked on the zip in test_model_zoo
+                continue
+            self.assertTrue((BUNDLES / name / ref).exists(), f"{name}: README names {ref}, which the bundle lacks")
+        self.assertTrue((BUNDLES / name / "docs" / "data_license.txt").is_file())
+        other = "fetal" if name == HIPPO else "hippocampus"  # no phrase copied from the other bundle's README
+        self.assertNotIn(other, text.lower())
+
+    @parameterized.expand([(HIPPO,), (FETAL,)])
+    def test_eval_metrics_are_the_readme_figures(self, name):
+        meta = json.loads((BUNDLES / name / "configs" / "metadata.json").read_text())
+        text = (BUNDLES / name / "docs" / "README.md").read_text()
+        rows = {}
+        for line in text.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 4 and cells[0] != "metric (validation mean)" and not cells[0].startswith("---"):
+                rows[cells[0]] = cells[2]  # the guided column
+        self.assertEqual(set(meta["eval_metrics"]), set(README_METRICS[name]))
+        for key, row in README_METRICS[name].items():
+            self.assertIsInstance(meta["eval_metrics"][key], (int, float), key)
+            self.assertAlmostEqual(meta["eval_metrics"][key], float(rows[row]), places=6, msg=f"{key} vs {row!r}")
+
+    @parameterized.expand([(HIPPO,), (FETAL,)])
+    def test_metadata_for_the_zoo(self, name):
+        meta = json.loads((BUNDLES / name / "configs" / "metadata.json").read_text())
+        self.assertIn("monai-label", meta["supported_apps"])
+        self.assertIn(meta["version"], meta["changelog"])
+        self.assertNotIn("guidino-monai", {k.lower() for k in meta["required_packages_version"]})
+        # numpy >= 2.3 and scipy >= 1.16 have no wheels for Python 3.10, the model zoo's CI Python
+        self.assertLess(tuple(int(x) for x in meta["numpy_version"].split(".")[:2]), (2, 3))
+        self.assertLess(tuple(int(x) for x in meta["required_packages_version"]["scipy"].split(".")[:2]), (1, 16))
+        inference = json.loads((BUNDLES / name / "configs" / "inference.json").read_text())
+        self.assertIn("dataset_dir", inference)  # InferProperties
+        self.assertTrue((BUNDLES / name / "configs" / "multi_gpu_evaluate.json").is_file())
+        self.assertEqual(inference["imports"].index("$import scripts") + 1, inference["imports"].index(
+            "$import guidino_monai"), "the bundle's scripts/ must come before guidino_monai")  # fmt: skip
 
 
 def root_cause(exc: BaseException, kind: type) -> BaseException | None:
@@ -127,9 +201,20 @@ class TestBadInput(unittest.TestCase):
 
     def test_missing_weights_named(self):
         bundle = copy_bundle(HIPPO, self.dir)
-        err = self.assertRaisesInChain(FileNotFoundError, run_workflow, bundle, ["inference.json"],
+        err = self.assertRaisesInChain(WeightsNotPublishedError, run_workflow, bundle, ["inference.json"],
                                        workflow_type="infer", **infer_overrides(HIPPO))  # fmt: skip
-        self.assertIn("model.pt", str(err))
+        self.assertIn(str(bundle / "models" / "model.pt"), str(err))
+        self.assertIn("no trained weights have been published", str(err))
+
+    def test_inference_starts_without_weights_when_loader_disabled(self):
+        """The model zoo's inference test disables the checkpoint loader: no models/model.pt is then needed."""
+        bundle = copy_bundle(FETAL, self.dir)
+        data = Path(make_demo_dataset(self.dir / "data", "fetalhead", num_cases=2))
+        out = self.dir / "out"
+        run_workflow(bundle, ["inference.json"], workflow_type="infer", dataset_dir=str(data / "imagesTr"),
+                     output_dir=str(out), **{"handlers#0#_disabled_": True}, **infer_overrides(FETAL))  # fmt: skip
+        self.assertFalse((bundle / "models" / "model.pt").exists())
+        self.assertEqual(len(list(out.glob("*_seg.nii.gz"))), 2)
 
 
 class TestDeliveryAndDistributed(unittest.TestCase):
@@ -157,37 +242,109 @@ class TestDeliveryAndDistributed(unittest.TestCase):
             y = ts(torch.rand(1, 1, 64, 64))
         self.assertEqual(tuple(y.shape), (1, 2, 64, 64))
 
-    def test_pack_download_and_infer(self):
-        """Pack (configs, docs, weights, TorchScript), serve over loopback HTTP, `monai.bundle download` it into a
-        fresh folder and run its inference config there."""
-        dist = Path(self.tmp.name) / "dist"
+    def _fresh_venv(self) -> tuple[Path, Path]:
+        """A fresh venv holding the packed bundle's metadata requirements (pip), sharing this environment's other
+        packages but never its guidino_monai; and the bundle downloaded into a fresh folder with it."""
+        if getattr(type(self), "venv", None) is not None:
+            return type(self).venv, type(self).downloaded
+        root = Path(self.tmp.name)
+        py = clean_python(root / "venv")
+        dist = root / "dist"
         zip_path = pack_bundle(self.bundle, dist, override=infer_overrides(FETAL))
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(dist))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
+        self.assertEqual(os.stat(zip_path).st_mode & 0o777, 0o644, "others in the pipeline must be able to read it")
+        release = LoopbackRelease(dist)
         try:
-            url = f"http://127.0.0.1:{server.server_address[1]}/{Path(zip_path).name}"
-            fresh = Path(self.tmp.name) / "downloaded"
-            r = monai_bundle("download", "--name", FETAL, "--url", url, "--bundle_dir", str(fresh))
+            fresh = root / "downloaded"
+            r = run_py(py, "-m", "monai.bundle", "download", "--name", FETAL, "--url",
+                       f"{release.url}/{Path(zip_path).name}", "--bundle_dir", str(fresh), cwd=root)  # fmt: skip
             self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr[-2000:])
         finally:
-            server.shutdown()
+            release.close()
         got = fresh / FETAL
-        for rel in ("configs/inference.json", "configs/metadata.json", "docs/README.md", "LICENSE",
-                    "large_files.yml", "models/model.pt", "models/model.ts"):  # fmt: skip
-            self.assertTrue((got / rel).is_file(), rel)
+        pins = zoo_ci.requirements(str(got))
+        (root / "requirements.txt").write_text("\n".join(pins) + "\n")
+        r = run_py(py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(root / "requirements.txt"),
+                   cwd=root, timeout=900)  # fmt: skip
+        if r.returncode != 0:
+            offline = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution",
+                       "Failed to establish a new connection", "ProxyError", "Max retries exceeded")  # fmt: skip
+            if any(k in r.stderr for k in offline):
+                self.skipTest(f"no package index reachable to install the metadata's requirements: {r.stderr[-300:]}")
+            self.fail(f"the metadata's requirements do not install:\n{r.stderr[-3000:]}")
+        type(self).venv, type(self).downloaded, type(self).pins = py, got, pins
+        return py, got
+
+    @pytest.mark.slow
+    def test_downloaded_bundle_runs_in_fresh_venv(self):
+        """Pack, serve over loopback HTTP, `monai.bundle download`, and run the inference of the downloaded bundle in a
+        fresh venv holding only the metadata's requirements: the same segmentation as this repository's library."""
+        py, got = self._fresh_venv()
+        root = Path(self.tmp.name)
+        code = "import importlib.metadata as m, json, sys; print(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
+        r = run_py(py, "-c", code, *[p.split("==")[0] for p in self.pins], cwd=root)
+        installed = json.loads(r.stdout)
+        for pin in self.pins:  # the venv holds exactly the pinned versions (torch may carry a local label, +cpu)
+            name, version = pin.split("==")
+            self.assertEqual(installed[name].split("+")[0], version, pin)
+        # the proof that the bundle brings what it needs: no guidino_monai without the bundle, its own copy with it
+        r = run_py(py, "-c", "import guidino_monai", cwd=root)
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("No module named 'guidino_monai'", r.stderr)
+        r = run_py(py, "-c", "import scripts, guidino_monai; print(guidino_monai.__file__)", cwd=root,
+                   env={"PYTHONPATH": str(got)})  # fmt: skip
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        self.assertTrue(r.stdout.strip().startswith(str(got / "scripts" / "guidino_monai")), r.stdout)
         image = sorted((self.bundle / "demo_data" / "imagesTr").glob("*.nii.gz"))[0]
-        out = Path(self.tmp.name) / "pipeline_out"
-        args = ["run", "--config_file", str(got / "configs" / "inference.json"), "--input_files", str(image),
+        out = root / "pipeline_out"
+        args = ["-m", "monai.bundle", "run", "--config_file", str(got / "configs" / "inference.json"),
+                "--meta_file", str(got / "configs" / "metadata.json"), "--input_files", str(image),
                 "--output_dir", str(out)]  # fmt: skip
         for k, v in infer_overrides(FETAL).items():
             args += [f"--{k}", repr(v)]
-        r = monai_bundle(*args, cwd=Path(self.tmp.name))
+        workdir = root / "elsewhere"
+        workdir.mkdir(exist_ok=True)
+        r = run_py(py, *args, cwd=workdir, env={"PYTHONPATH": str(got)})
         self.assertEqual(r.returncode, 0, r.stdout[-3000:] + r.stderr[-3000:])
-        seg = out / (image.name[: -len(".nii.gz")] + "_seg.nii.gz")
-        self.assertTrue(seg.is_file())
-        self.assertEqual(nib.load(str(seg)).shape[:2], nib.load(str(image)).shape[:2])
+        stem = image.name[: -len(".nii.gz")]
+        seg = np.asarray(nib.load(str(out / f"{stem}_seg.nii.gz")).dataobj)
+        # reference: the same weights and image through this repository's library, in this process
+        ref_dir = root / "reference_out"
+        run_workflow(self.bundle, ["inference.json"], workflow_type="infer", input_files=str(image),
+                     output_dir=str(ref_dir), **infer_overrides(FETAL))  # fmt: skip
+        ref = np.asarray(nib.load(str(ref_dir / f"{stem}_seg.nii.gz")).dataobj)
+        self.assertEqual(seg.shape, ref.shape)
+        self.assertGreater(len(np.unique(ref)), 1, "constant reference: the comparison would prove little")
+        self.assertGreaterEqual(float((seg == ref).mean()), 0.999)  # other numpy, same model: at most stray voxels
+        self.assertTrue((out / "head_circumference.csv").is_file())
+
+    @pytest.mark.slow
+    def test_torchscript_runs_without_guidino_monai(self):
+        """models/model.ts of the zip loads in a process that cannot import guidino_monai and gives the eager output."""
+        py, got = self._fresh_venv()
+        root = Path(self.tmp.name)
+        torch.manual_seed(1)
+        x = torch.rand(1, 1, 64, 64)
+        net = network_from_config(self.bundle, **infer_overrides(FETAL))
+        net.load_state_dict(torch.load(self.bundle / "models" / "model.pt", weights_only=True))
+        with torch.no_grad():
+            eager = net.eval()(x)
+        torch.save(x, root / "x.pt")
+        code = (
+            "import importlib.util, sys, torch\n"
+            "assert importlib.util.find_spec('guidino_monai') is None, 'guidino_monai is importable'\n"
+            "m = torch.jit.load(sys.argv[1])\n"
+            "with torch.no_grad(): y = m(torch.load(sys.argv[2]))\n"
+            "torch.save(y, sys.argv[3])\n"
+            "assert not any(k.startswith('guidino_monai') for k in sys.modules)\n"
+        )
+        r = run_py(py, "-c", code, str(got / "models" / "model.ts"), str(root / "x.pt"), str(root / "y_ts.pt"),
+                   cwd=root)  # fmt: skip
+        self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        traced = torch.load(root / "y_ts.pt")
+        eager, traced = (eager[0], traced[0]) if isinstance(eager, (tuple, list)) else (eager, traced)
+        self.assertEqual(tuple(traced.shape), (1, 2, 64, 64))
+        self.assertGreater(float(eager.std()), 0.0)
+        torch.testing.assert_close(traced, eager, atol=1e-4, rtol=1e-4)
 
     def test_torchrun_two_processes_gloo(self):
         """multi_gpu_train.json under torchrun: 2 CPU processes (gloo), one epoch, one checkpoint written."""

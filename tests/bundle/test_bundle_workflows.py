@@ -109,6 +109,8 @@ class TestBundleWorkflows(unittest.TestCase):
             self.assertEqual(seg.shape[: src.ndim], src.shape)
             np.testing.assert_allclose(seg.affine, src.affine, atol=1e-4)
             values = set(np.unique(np.asarray(seg.dataobj)).tolist())
+            # a constant map would pass the subset check trivially: the trained model must segment something
+            self.assertGreater(len(values), 1, f"{img.name}: constant prediction {values}")
             self.assertTrue(values <= ({0, 1, 2} if name == HIPPO else {0, 1}), values)
             guide = nib.load(str(out / f"{stem}_guide.nii.gz")).get_fdata()
             self.assertEqual(guide.shape[: src.ndim], src.shape)
@@ -144,6 +146,10 @@ class TestBundleWorkflows(unittest.TestCase):
         np.testing.assert_allclose(seg_lps.affine, lps.affine, atol=1e-4)
         a = np.asarray(seg_ras.dataobj)[..., 0] if seg_ras.ndim == 4 else np.asarray(seg_ras.dataobj)
         b = np.asarray(seg_lps.dataobj)[..., 0] if seg_lps.ndim == 4 else np.asarray(seg_lps.dataobj)
+        # a constant map is flip-invariant: the check below only means something for a non-constant prediction
+        self.assertGreater(len(np.unique(a)), 1, "constant prediction: the orientation check would pass trivially")
+        self.assertGreater(np.count_nonzero(a), 0)
+        self.assertFalse(np.array_equal(a, a[::-1, ::-1]), "a flip-symmetric prediction cannot show the orientation")
         np.testing.assert_array_equal(a, b[::-1, ::-1])
 
     @parameterized.expand([(HIPPO,), (FETAL,)])

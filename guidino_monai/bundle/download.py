@@ -1,0 +1,22 @@
+# Copyright (c) guidino-monai contributors
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#     http://www.apache.org/licenses/LICENSE-2.0
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+
+"""Download a bundle's published weights (``large_files.yml``) and check their sha256.
+
+Usage::
+
+    python -m guidino_monai.bundle.download bundles/guidino_hippocampus_mri_segmentation
+"""
+
+from .weights import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
