@@ -36,12 +36,15 @@ BUNDLES = {
 }
 
 
-def run(bundle_src: Path, work: Path, configs: list[str], wtype: str, **override) -> ConfigWorkflow:
+def run(bundle_src: Path, work: Path, configs: list[str], wtype: str, _after_init=None, **override) -> ConfigWorkflow:
+    """Run a bundle workflow with config overrides; ``_after_init(workflow)`` may attach handlers before the run."""
     wf = ConfigWorkflow(config_file=[str(bundle_src / "configs" / c) for c in configs] if len(configs) > 1
                         else str(bundle_src / "configs" / configs[0]),
                         meta_file=str(bundle_src / "configs" / "metadata.json"), logging_file=False,
                         workflow_type=wtype, bundle_root=str(work), **override)  # fmt: skip
     wf.initialize()
+    if _after_init is not None:
+        _after_init(wf)
     wf.run()
     wf.finalize()
     return wf

@@ -169,6 +169,9 @@ class SegmentationReport(_CaseRowsHandler):
         head_circumference: also report head circumference (mm) from an ellipse fit of label 1 (fetal head), and its
             error against the case's ``head_circumference_mm`` entry (or, if absent, against the label's HC).
         hc_boundary_offset_px: boundary offset used for the HC fit (see :func:`head_circumference_mm`).
+        hc_failure_mm: an HC error above this many mm marks the case a failure (``hc_failure`` column, 1/0; the
+            summary's ``hc_failure`` mean is the failure rate and ``hc_failures`` lists the cases). Defaults to
+            ``10.0``.
     """
 
     def __init__(
@@ -178,6 +181,7 @@ class SegmentationReport(_CaseRowsHandler):
         num_overlays: int = 4,
         head_circumference: bool = False,
         hc_boundary_offset_px: float = 0.0,
+        hc_failure_mm: float = 10.0,
         image_key: str = "image",
         label_key: str = "label",
         pred_key: str = "pred",
@@ -188,6 +192,7 @@ class SegmentationReport(_CaseRowsHandler):
         self.num_overlays = num_overlays
         self.head_circumference = head_circumference
         self.hc_offset = hc_boundary_offset_px
+        self.hc_failure_mm = float(hc_failure_mm)
         self.keys = (image_key, label_key, pred_key, guide_key)
         self.rows: list[dict[str, Any]] = []
 
@@ -220,7 +225,9 @@ class SegmentationReport(_CaseRowsHandler):
             if ref is None or (isinstance(ref, float) and math.isnan(ref)):
                 ref = head_circumference_mm((label[0] == 1).cpu().numpy(), sp2, boundary_offset_px=self.hc_offset)
             ref = float(torch.as_tensor(ref).reshape(-1)[0])
-            row.update({"hc_pred_mm": hc_pred, "hc_ref_mm": ref, "hc_abs_error_mm": abs(hc_pred - ref)})
+            err = abs(hc_pred - ref)
+            failed = not math.isfinite(err) or err > self.hc_failure_mm  # no head found counts as a failure
+            row.update({"hc_pred_mm": hc_pred, "hc_ref_mm": ref, "hc_abs_error_mm": err, "hc_failure": int(failed)})
         if len(self.rows) < self.num_overlays:
             guide = item.get(guide_key)
             row["overlay"] = self._overlay(row["case"], image, label, pred, guide)
@@ -255,6 +262,8 @@ class SegmentationReport(_CaseRowsHandler):
                 "median": float(np.median(ok)) if ok.size else float("nan"),
                 "n": int(ok.size),
             }
+        if self.head_circumference:
+            out["hc_failures"] = [r["case"] for r in self.rows if r.get("hc_failure")]
         dices = [v["mean"] for k, v in out["metrics"].items() if k.startswith("dice_")]
         out["mean_dice"] = float(np.nanmean(dices)) if dices else float("nan")
         return out

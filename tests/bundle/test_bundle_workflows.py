@@ -80,7 +80,12 @@ class TestBundleWorkflows(unittest.TestCase):
             for key in ("hc_pred_mm", "hc_ref_mm", "hc_abs_error_mm"):
                 self.assertIn(key, rows[0])
             self.assertGreater(float(rows[0]["hc_ref_mm"]), 0.0)
+            for r in rows:  # failures: HC error over 10 mm (or no head), flagged per case and listed in the summary
+                err = float(r["hc_abs_error_mm"])
+                self.assertEqual(int(r["hc_failure"]), int(not err <= 10.0), r)
         summary = json.load(open(bundle / "eval" / "metrics_summary.json"))
+        if name == FETAL:
+            self.assertEqual(summary["hc_failures"], [r["case"] for r in rows if int(r["hc_failure"])])
         self.assertEqual(summary["num_cases"], len(rows))
         self.assertIn(f"dice_{labels[0]}", summary["metrics"])
         overlays = sorted((bundle / "eval" / "overlays").glob("*.png"))

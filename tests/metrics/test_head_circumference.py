@@ -151,6 +151,32 @@ class TestFitEllipse(unittest.TestCase):
             head_circumference_mm(np.ones((4, 5)), (1.0,))
 
 
+class TestReportFailures(unittest.TestCase):
+    def test_failures_flagged_by_case(self):
+        """A case whose prediction is a fragment of the head is an HC failure; a good one is not."""
+        import tempfile
+
+        import torch
+
+        from guidino_monai.bundle import SegmentationReport
+
+        yy, xx = np.mgrid[:120, :160]
+        head = ((yy - 60) ** 2 / 40.0**2 + (xx - 80) ** 2 / 55.0**2 <= 1).astype(np.float32)
+        fragment = head.copy()
+        fragment[:, 70:] = 0  # a head cut in half: HC far too small
+        with tempfile.TemporaryDirectory() as d:
+            rep = SegmentationReport(d, {0: "background", 1: "fetal_head"}, num_overlays=0, head_circumference=True)
+            img = torch.zeros(1, 120, 160)
+            lab = torch.from_numpy(head)[None]
+            good = rep.add_case({"image": img, "label": lab, "pred": lab.clone()})
+            bad = rep.add_case({"image": img, "label": lab, "pred": torch.from_numpy(fragment)[None]})
+            empty = rep.add_case({"image": img, "label": lab, "pred": torch.zeros_like(lab)})
+            summary = rep.summary()
+        self.assertEqual((good["hc_failure"], bad["hc_failure"], empty["hc_failure"]), (0, 1, 1))
+        self.assertGreater(bad["hc_abs_error_mm"], 10.0)
+        self.assertEqual(summary["hc_failures"], [bad["case"], empty["case"]])
+
+
 class TestRealHC18(unittest.TestCase):
     @unittest.skipUnless(HC18_DIR.is_dir(), SKIP_HC18)
     def test_reference_circumference(self):
