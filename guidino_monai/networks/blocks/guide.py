@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from monai.utils import StrEnum
 
 from ...utils import as_bool
-
 from ..backbones import DEFAULT_GUIDE_BACKBONE, create_guide_backbone
 from .tokenbook import TokenBook
 
