@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from guidino_monai.utils import atomic_write
 
-__all__ = ["GuidedLocalDatastore", "check_id", "check_nifti"]
+__all__ = ["GuidedLocalDatastore", "check_id", "check_nifti", "drop_guide_segment", "image_dimension"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,14 @@ def check_id(value: str, what: str = "image id") -> str:
         raise HTTPException(status_code=400, detail=f"invalid {what} {value!r}: use letters, digits, '_', '-', '.'"
                             " only, no path separators or '..'")  # fmt: skip
     return value
+
+
+def image_dimension(path: str) -> int | None:
+    """Number of spatial axes longer than 1 in a NIfTI header (``None`` when it cannot be read)."""
+    try:
+        return len([s for s in nib.load(path).shape[:3] if s > 1])
+    except Exception:
+        return None
 
 
 def check_nifti(path: str, what: str, shape: tuple[int, ...] | None = None, integer: bool = False) -> tuple:
@@ -69,6 +78,41 @@ def check_nifti(path: str, what: str, shape: tuple[int, ...] | None = None, inte
     return spatial
 
 
+def drop_guide_segment(label_file: str, label_info: dict[str, Any] | None) -> tuple[str, bool]:
+    """3D Slicer submits every segment, the ``guide`` segment of ``return_guide: "segment"`` too: set its voxels to 0.
+
+    Slicer's ``PUT /datastore/label`` carries ``{"label_info": [{"name": ..., "idx": ...}, ...]}``; the entry named
+    ``guide`` gives the value to clear.
+
+    Returns:
+        ``(file, cleaned)``: a new temporary file (``cleaned`` True, the caller removes it) or ``label_file`` as is.
+    """
+    from .params import GUIDE_SEGMENT
+
+    entries = (label_info or {}).get("label_info") if isinstance(label_info, dict) else None
+    if not isinstance(entries, list):
+        return label_file, False
+    values = []
+    for e in entries:
+        if isinstance(e, dict) and str(e.get("name", "")).strip().lower() == GUIDE_SEGMENT:
+            v = e.get("idx", e.get("id"))
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                values.append(v)
+    if not values:
+        return label_file, False
+    img = nib.load(label_file)
+    data = np.asanyarray(img.dataobj)
+    if not np.isin(data, values).any():
+        return label_file, False
+    data = np.where(np.isin(data, values), 0, data).astype(data.dtype)
+    ext = ".nii.gz" if label_file.endswith(".nii.gz") else ".nii"
+    fd, out = tempfile.mkstemp(suffix=ext)
+    os.close(fd)
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), out)
+    logger.info("dropped the guide segment (values %s) from the submitted label", values)
+    return out, True
+
+
 def _atomic_copy(src: str, dest: str) -> None:
     atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
 
@@ -89,6 +133,7 @@ class GuidedLocalDatastore(LocalDatastore):
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         check_id(image_id)
+        self.refresh()
         return super().get_image_info(image_id)
 
     def get_label_uri(self, label_id: str, label_tag: str) -> str:
@@ -126,6 +171,8 @@ class GuidedLocalDatastore(LocalDatastore):
             raise HTTPException(status_code=400, detail=f"label must be a .nii or .nii.gz file, got {label_ext!r}")
         image_shape = check_nifti(self.get_image_uri(image_id), f"image {image_id!r}")
         check_nifti(label_filename, f"label for {image_id!r}", shape=image_shape, integer=label_tag != "guide")
+        label_filename, cleaned = drop_guide_segment(label_filename, label_info) if label_tag != "guide" else (
+            label_filename, False)  # fmt: skip
         name = self._filename(image_id, label_ext)
         dest = os.path.join(self._datastore.label_path(label_tag), name)
         with FileLock(self._lock_file):
@@ -137,6 +184,8 @@ class GuidedLocalDatastore(LocalDatastore):
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
             self._datastore.objects[image_id] = obj
             self._update_datastore_file(lock=False)
+        if cleaned:
+            os.unlink(label_filename)
         return image_id
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
@@ -178,6 +227,20 @@ class GuidedLocalDatastore(LocalDatastore):
                 write()
         else:
             write()
+
+    def refresh(self) -> None:
+        """Re-read ``datastore_v2.json`` if another process (scoring, training, strategies run in subprocesses) wrote
+        it, so ``GET /datastore`` and ``/info/`` show their results."""
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+
+    def json(self) -> dict[str, Any]:
+        self.refresh()
+        return super().json()
+
+    def status(self) -> dict[str, Any]:
+        self.refresh()
+        return super().status()
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         self._init_from_datastore_file()
