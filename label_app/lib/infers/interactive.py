@@ -127,7 +127,8 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         if isinstance(image, MetaTensor):
             pred.copy_meta_from(image)
         data[self.output_label_key] = pred
-        data["clicks_report"] = {"foreground": len(fg), "background": len(bg), "outside": outside}
+        data["clicks_report"] = {"foreground": len(fg), "background": len(bg), "outside": outside,
+                                 "vit_passes": self.sessions.vit_passes}  # fmt: skip
         if guide_mode(data) != "none":
             g = MetaTensor(guide[0])
             if isinstance(image, MetaTensor):

@@ -65,7 +65,7 @@ class GuidedDice(ScoringMethod):
     def info(self) -> dict[str, Any]:
         """Description and a ``config`` 3D Slicer can show and send back (the model to run where no ``original``
         label is stored; first = default)."""
-        return {"description": self.description, "config": {"model": sorted(self.infers)}} if self.infers else {
+        return {"description": self.description, "config": {"model": list(self.infers)}} if self.infers else {
             "description": self.description}  # fmt: skip
 
     def predict(self, model: str, image_uri: str) -> np.ndarray:
