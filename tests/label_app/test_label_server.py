@@ -77,10 +77,11 @@ def test_infer_upload_keeps_input_geometry_and_returns_guide(server):
     arr = (rng.random((30, 36, 20)) * 200).astype(np.float32)
     affine = np.array([[-1.2, 0.0, 0.0, 10.0], [0.0, 0.0, 0.9, -5.0], [0.0, 1.5, 0.0, 3.0], [0, 0, 0, 1]])
     files = {"file": ("oblique.nii.gz", _save(__import__("nibabel").Nifti1Image(arr, affine)))}
-    r = requests.post(server.url + f"/infer/{HIPPO}", params={"output": "image"}, files=files, timeout=300)
+    r = requests.post(server.url + f"/infer/{HIPPO}", params={"output": "image"}, files=files,
+                      data={"params": json.dumps({"return_guide": "none"})}, timeout=300)  # fmt: skip
     assert r.status_code == 200, r.text[:2000] + server.tail()
     out = _load(r.content)
-    assert out.shape == arr.shape
+    assert out.shape == arr.shape and out.get_data_dtype() == np.uint8
     np.testing.assert_allclose(out.affine, affine, atol=1e-4)
     assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2}
     # the guide mask as the returned image, same geometry, values in [0, 1]
@@ -102,7 +103,8 @@ def test_infer_2d_fetal_head(server):
     r = requests.post(server.url + f"/infer/{FETAL}", params={"output": "image"}, files=files, timeout=300)
     assert r.status_code == 200, r.text[:2000] + server.tail()
     out = _load(r.content)
-    assert out.shape[:2] == arr.shape and set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    assert out.shape[:2] == arr.shape and out.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2}  # 2: the guide segment (return_guide "segment")
     np.testing.assert_allclose(out.header.get_zooms()[:2], (0.2, 0.2), atol=1e-5)
 
 
