@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--radius", type=float, default=4.0, help="click region radius (mm; the grid is 1 mm)")
     ap.add_argument("--tolerance", type=float, default=1.0, help="click region intensity band (std)")
-    ap.add_argument("--tiny", action="store_true", help="random-init depth-2 ViT (smoke runs, no weights)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="depth-2 guide ViT, guide_size 56 (as a quick CPU training run with those overrides)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -109,9 +110,10 @@ def main() -> None:
     infer["device"] = "$torch.device('cpu')"
     if args.tiny:
         infer["guide_backbone_kwargs"] = {"depth": 2}
+        infer["guide_kwargs#guide_size"] = 56
     net = infer.get_parsed_content("network_def", instantiate=True)
     weights = "random init"
-    if not args.tiny and Path(args.weights).is_file():
+    if Path(args.weights).is_file():
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
         net.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
         weights = args.weights
