@@ -50,8 +50,16 @@ def dice(pred: np.ndarray, label: np.ndarray, labels=(1, 2)) -> float:
     return float(np.mean(scores))
 
 
-def run_case(refiner: ClickRefiner, image: torch.Tensor, label: np.ndarray, clicks: int, steps: list[int],
-             regions: bool, radius: float, tolerance: float) -> tuple[dict[int, float], list[float], int, int]:  # fmt: skip
+def run_case(
+    refiner: ClickRefiner,
+    image: torch.Tensor,
+    label: np.ndarray,
+    clicks: int,
+    steps: list[int],
+    regions: bool,
+    radius: float,
+    tolerance: float,
+) -> tuple[dict[int, float], list[float], int, int]:
     """Simulated clicks on one case: ``(Dice per step, seconds per click, foreground clicks, background clicks)``."""
     intensities = image[0, 0].numpy()
     fg, bg, history, scores, seconds = [], [], [], {}, []
@@ -85,13 +93,20 @@ def main() -> None:
     ap.add_argument("--dataset_dir", default=str(Path(__file__).resolve().parents[2] / "shared/data/msd_hippocampus"))
     ap.add_argument("--weights", default=str(BUNDLE / "models" / "model.pt"))
     ap.add_argument("--num_cases", type=int, default=10)
-    ap.add_argument("--max_cases", type=int, default=None,
-                    help="as the training run's max_cases, so the validation split is the one it held out")
+    ap.add_argument(
+        "--max_cases",
+        type=int,
+        default=None,
+        help="as the training run's max_cases, so the validation split is the one it held out",
+    )
     ap.add_argument("--clicks", type=int, default=5)
     ap.add_argument("--radius", type=float, default=4.0, help="click region radius (mm; the grid is 1 mm)")
     ap.add_argument("--tolerance", type=float, default=1.0, help="click region intensity band (std)")
-    ap.add_argument("--tiny", action="store_true",
-                    help="depth-2 guide ViT, guide_size 56 (as a quick CPU training run with those overrides)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="depth-2 guide ViT, guide_size 56 (as a quick CPU training run with those overrides)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -139,8 +154,8 @@ def main() -> None:
             seconds[m] += secs
             row[m] = {"dice": scores, "fg": n_fg, "bg": n_bg}
         per_case.append(row)
-        print(f"{row['image']}: " + "; ".join(
-            f"{m} " + ", ".join(f"{k}:{v:.3f}" for k, v in sorted(row[m]["dice"].items())) for m in methods))  # fmt: skip
+        parts = [f"{m} " + ", ".join(f"{k}:{v:.3f}" for k, v in sorted(row[m]["dice"].items())) for m in methods]
+        print(f"{row['image']}: " + "; ".join(parts))
     table = {m: {k: statistics.mean(c[m]["dice"][k] for c in per_case) for k in steps} for m in methods}
     print(f"\nweights: {weights} (guide ViT {guide_vit}); data: {data['dataset_dir']} "
           f"({'demo' if data['demo'] else 'real'}); {len(per_case)} held-out validation cases; CPU threads "

@@ -53,7 +53,9 @@ def constraints() -> list[str]:
     try:
         torch_version = base_version(metadata.version("torch"))
     except metadata.PackageNotFoundError:
-        raise RuntimeError("torch is not installed: `python -m pip install torch` first (label_app/INSTALL.md)")
+        raise RuntimeError(
+            "torch is not installed: `python -m pip install torch` first (label_app/INSTALL.md)"
+        ) from None
     wanted = matching_torchvision(torch_version)
     try:
         installed = base_version(metadata.version("torchvision"))

@@ -34,7 +34,6 @@ import tempfile
 from typing import Any
 
 import nibabel as nib
-
 from fastapi import HTTPException
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
@@ -111,7 +110,7 @@ def serve_blocking_endpoints_in_threads(fastapi_app: Any) -> list[str]:
                 continue
             if not isinstance(route, APIRoute) or not inspect.iscoroutinefunction(route.endpoint):
                 continue
-            path = route.path[len(settings.MONAI_LABEL_API_STR):] if settings.MONAI_LABEL_API_STR else route.path
+            path = route.path[len(settings.MONAI_LABEL_API_STR) :] if settings.MONAI_LABEL_API_STR else route.path
             if not {(path, m) for m in route.methods} & THREADED_ENDPOINTS:
                 continue
             routes[i] = APIRoute(

@@ -93,7 +93,9 @@ def weights_status(bundle_path: str | os.PathLike) -> dict[str, Any]:
     name = Path(bundle_path).name
     pretrained = None
     try:
-        pretrained = json.loads((Path(bundle_path) / "configs" / "inference.json").read_text()).get("pretrained_weights")
+        pretrained = json.loads((Path(bundle_path) / "configs" / "inference.json").read_text()).get(
+            "pretrained_weights"
+        )
     except (OSError, ValueError):
         pass
     vit_pretrained = isinstance(pretrained, str) and bool(pretrained.strip())

@@ -63,7 +63,9 @@ def check_nifti(path: str, what: str, shape: tuple[int, ...] | None = None, inte
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # any reader error is the client's file, not the server
-        raise HTTPException(status_code=400, detail=f"{what} is not a readable NIfTI file: {type(e).__name__}: {e}")
+        raise HTTPException(
+            status_code=400, detail=f"{what} is not a readable NIfTI file: {type(e).__name__}: {e}"
+        ) from e
     if data.ndim < 2 or data.size == 0:
         raise HTTPException(status_code=400, detail=f"{what} has shape {data.shape}: not an image")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():

@@ -137,7 +137,9 @@ def test_slicer_flow_train_and_reinfer(server):
     assert r.status_code == 200, r.text
     t0 = time.time()
     progress = served.parent / "train_progress.json"
-    while not (progress.is_file() and json.loads(progress.read_text())["start_ts"] >= t0 - 5) and time.time() - t0 < 120:
+    while (
+        not (progress.is_file() and json.loads(progress.read_text())["start_ts"] >= t0 - 5) and time.time() - t0 < 120
+    ):
         time.sleep(0.5)  # the training subprocess has started its run
     # inference is served while training runs (training is a subprocess)
     infer_start = time.time()
@@ -366,7 +368,9 @@ def test_clicks_outside_the_image_are_reported(server):
     assert r.status_code == 200, r.text
     clicks = r.json()["clicks"]
     assert clicks["foreground"] == 1 and clicks["background"] == 0
-    assert sorted(tuple(o["point"]) for o in clicks["outside"]) == sorted([tuple(map(float, outside)), (-5.0, 0.0, 0.0)])
+    assert sorted(tuple(o["point"]) for o in clicks["outside"]) == sorted(
+        [tuple(map(float, outside)), (-5.0, 0.0, 0.0)]
+    )
 
 
 def test_info_answers_while_inference_runs(server):

@@ -252,7 +252,9 @@ def test_bundle_weights_replace_random_ones_at_restart(tmp_path):
     overrides = {"guide_backbone_kwargs": {"depth": 2}}
     path = prepare_bundle(name, model_dir, overrides, "bundle", bundles_dir=bundles)
     status = weights_status(path)
-    assert read_provenance(path)["source"] == "random" and status["trained"] is False and "UNTRAINED" in status["warning"]
+    assert (
+        read_provenance(path)["source"] == "random" and status["trained"] is False and "UNTRAINED" in status["warning"]
+    )
     assert status["guide_vit"] == "random"
     served = model_dir / name / "models" / "model.pt"
     random_bytes = served.read_bytes()
@@ -276,8 +278,9 @@ def test_bundle_weights_replace_random_ones_at_restart(tmp_path):
 
 def test_label_constraints_pin_torch_and_matching_torchvision(monkeypatch):
     sys.path.insert(0, str(APP_DIR))
-    import constraints
     from importlib import metadata
+
+    import constraints
 
     assert constraints.matching_torchvision("2.14.1+cu130") == "0.29.*"
     assert constraints.matching_torchvision("2.5.0") == "0.20.*"

@@ -1,7 +1,8 @@
 """The label app on a real Orthanc DICOMweb server: list series, infer on a series, store the label as DICOM SEG.
 
 Needs the Debian packages ``orthanc`` and ``orthanc-dicomweb`` (``.ci/services`` installs them); skips where they
-are missing, except under ``CI=true`` where a missing Orthanc is a failure (CI installs it: a skip would hide that). Orthanc runs as a subprocess on a free loopback port with its storage in a temporary folder.
+are missing, except under ``CI=true`` where a missing Orthanc is a failure (CI installs it: a skip would hide that).
+Orthanc runs as a subprocess on a free loopback port with its storage in a temporary folder.
 """
 
 from __future__ import annotations

@@ -25,8 +25,7 @@ from monailabel.tasks.infer.bundle import BundleInferTask
 
 from guidino_monai.inferers import GuidedSlidingWindowInferer
 
-from ..params import GUIDE_SEGMENT, LABEL_COLORS, LABEL_NAMES, axes_choices, parse_mirror_axes
-from ..params import parse_return_guide
+from ..params import GUIDE_SEGMENT, LABEL_COLORS, LABEL_NAMES, axes_choices, parse_mirror_axes, parse_return_guide
 from ..transforms import wrap_spacing
 
 __all__ = ["GuidedBundleInferTask", "guide_mode", "wants_guide", "add_guide_segment"]
@@ -99,8 +98,11 @@ class GuidedBundleInferTask(BundleInferTask):
 
     def __call__(self, request: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         result = super().__call__(request, *args, **kwargs)
-        if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict) and not request.get(
-            "skip_writer"
+        if (
+            isinstance(result, tuple)
+            and len(result) == 2
+            and isinstance(result[1], dict)
+            and not request.get("skip_writer")
         ):
             names = result[1].pop("_label_names", None)
             if names is not None:

@@ -142,7 +142,9 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         if idx is not None and data.get(self.output_label_key) is not None:
             pred = data[self.output_label_key]
             mask = pred == idx
-            data[self.output_label_key] = mask.astype(np.uint8) if isinstance(mask, np.ndarray) else mask.to(torch.uint8)
+            data[self.output_label_key] = (
+                mask.astype(np.uint8) if isinstance(mask, np.ndarray) else mask.to(torch.uint8)
+            )
             names = {next(k for k, v in self.labels.items() if v == idx): 1}
         result_file, result_json = super().writer(data, extension, dtype)
         if names is not None:

@@ -212,9 +212,13 @@ class GuidedBundleTrainTask(BundleTrainTask):
             # the inference task reloads on the new mtime
             base = read_provenance(self.bundle_path)
             atomic_write(self.served, lambda tmp: shutil.copyfile(candidate, tmp))
-            write_provenance(self.bundle_path, {"source": "app training", "run_dir": str(run_dir),
-                                                "base_source": base.get("source", "random"),
-                                                "base_sha256": base.get("base_sha256", base.get("sha256"))})  # fmt: skip
+            provenance = {
+                "source": "app training",
+                "run_dir": str(run_dir),
+                "base_source": base.get("source", "random"),
+                "base_sha256": base.get("base_sha256", base.get("sha256")),
+            }
+            write_provenance(self.bundle_path, provenance)
         result = {
             "model": request.get("model"),
             "train_cases": len(train),
