@@ -12,9 +12,13 @@ predicted there). Two methods are compared on the same clicks' rule, each with i
 
 - ``prototypes``: each click's DINO token becomes an extra positive/negative TokenBook prototype (no retraining); the
   ViT runs once per case, each click costs one TokenBook + backbone pass;
-- ``prototypes+regions`` (what the MONAI Label app serves): the same, then each click's intensity region
+- ``prototypes+regions``: the same, then each click's intensity region
   (:func:`guidino_monai.interactive.apply_clicks`, ``--radius`` mm, ``--tolerance`` std) is forced to the click's
-  label, training-free, so a click helps whatever the guide ViT's weights.
+  label, training-free, so a click helps whatever the guide ViT's weights;
+- ``regions``: the regions alone (what the MONAI Label app serves by default when the guide ViT has random weights:
+  ``click_prototypes: auto``).
+
+``--methods`` picks some of them.
 
 Dice is the mean over labels 1 and 2 on the bundle's preprocessed grid (1 mm RAS). Cases are the bundle's validation
 split (``prepare_datalists``, seed 0), never seen in training.
@@ -59,18 +63,20 @@ def run_case(
     regions: bool,
     radius: float,
     tolerance: float,
+    prototypes: bool = True,
+    max_radius: float | None = 12.0,
 ) -> tuple[dict[int, float], list[float], int, int]:
     """Simulated clicks on one case: ``(Dice per step, seconds per click, foreground clicks, background clicks)``."""
     intensities = image[0, 0].numpy()
     fg, bg, history, scores, seconds = [], [], [], {}, []
     for k in range(clicks + 1):
         t = time.perf_counter()
-        logits, _ = refiner.predict(fg, bg)
+        logits, _ = refiner.predict(fg, bg) if prototypes else refiner.predict()
         probs = torch.softmax(logits[0].float(), 0).numpy()
         if regions:
             for point, is_fg, lab in history:  # in click order: a later click wins where regions overlap
                 probs = apply_clicks(probs, intensities, [point] if is_fg else [], [] if is_fg else [point], label=lab,
-                                     radius=radius, tolerance=tolerance)  # fmt: skip
+                                     radius=radius, tolerance=tolerance, max_radius=max_radius)  # fmt: skip
         pred = probs.argmax(0)
         if k > 0:
             seconds.append(time.perf_counter() - t)
@@ -108,6 +114,11 @@ def main() -> None:
         help="depth-2 guide ViT, guide_size 56 (as a quick CPU training run with those overrides)",
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--exclude_first", type=int, default=0,
+                    help="leave out the first N cases by name (those a quick --max_cases N training run saw, and the "
+                    "validation cases the click regions were tuned on): a clean held-out set")  # fmt: skip
+    ap.add_argument("--methods", default="prototypes,prototypes+regions,regions")
+    ap.add_argument("--max_radius", type=float, default=12.0, help="largest click region radius (mm)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -118,7 +129,11 @@ def main() -> None:
     train["bundle_root"] = str(BUNDLE)
     data = prepare_datalists(args.dataset_dir, "hippocampus", str(BUNDLE / "demo_data"), val_fraction=0.2, seed=0,
                              max_cases=args.max_cases)  # fmt: skip
-    cases = data["val"][: args.num_cases]
+    seen = set()
+    if args.exclude_first:
+        seen = {Path(d["image"]).name for d in sorted(data["all"], key=lambda d: Path(d["image"]).name)}
+        seen = set(sorted(seen)[: args.exclude_first])
+    cases = [d for d in data["val"] if Path(d["image"]).name not in seen][: args.num_cases]
     infer = ConfigParser()
     infer.read_config(str(BUNDLE / "configs" / "inference.json"))
     infer["bundle_root"] = str(BUNDLE)
@@ -138,7 +153,8 @@ def main() -> None:
     roi = infer.get_parsed_content("roi_size")
     refiner = ClickRefiner(net, roi_size=roi, sw_batch_size=4, overlap=0.5, mode="gaussian")
     steps = sorted({0, 1, 3, args.clicks} & set(range(args.clicks + 1)))
-    methods = {"prototypes": False, "prototypes+regions": True}
+    known = {"prototypes": (False, True), "prototypes+regions": (True, True), "regions": (True, False)}
+    methods = {m: known[m] for m in args.methods.split(",")}
     per_case, seconds, vit_seconds = [], {m: [] for m in methods}, []
     for item in cases:
         d = pre(dict(item))
@@ -148,9 +164,9 @@ def main() -> None:
         refiner.set_image(image)
         vit_seconds.append(time.perf_counter() - t)
         row = {"image": Path(item["image"]).name}
-        for m, regions in methods.items():
+        for m, (regions, prototypes) in methods.items():
             scores, secs, n_fg, n_bg = run_case(refiner, image, label, args.clicks, steps, regions, args.radius,
-                                                args.tolerance)  # fmt: skip
+                                                args.tolerance, prototypes, args.max_radius)  # fmt: skip
             seconds[m] += secs
             row[m] = {"dice": scores, "fg": n_fg, "bg": n_bg}
         per_case.append(row)
@@ -181,6 +197,7 @@ def main() -> None:
                     "guide_vit": guide_vit,
                     "radius_mm": args.radius,
                     "tolerance": args.tolerance,
+                    "max_radius_mm": args.max_radius,
                 },
                 indent=2,
             )

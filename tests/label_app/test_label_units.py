@@ -175,19 +175,28 @@ def test_apply_clicks_adds_and_removes_the_clicked_region():
     image = np.zeros((30, 30, 20), np.float32)
     image[10:20, 10:20, 5:15] = 100.0  # a bright block the network missed
     image += np.random.default_rng(0).normal(0, 1, image.shape).astype(np.float32)
+    block = np.zeros(image.shape, bool)
+    block[10:20, 10:20, 5:15] = True
     probs = np.zeros((3,) + image.shape, np.float32)
     probs[0] = 1.0  # the network sees nothing
     region = click_region(image, [15, 15, 10], radius=4)
     assert region[15, 15, 10] and region.sum() > 50
-    assert not region[5, 5, 10] and not region[15, 15, 2]  # stops at the intensity edge
+    assert not (region & ~block).any()  # stops at the intensity edge
+    # a foreground click in the middle of the missed block adds (most of) the block, nothing outside it
     out = apply_clicks(probs, image, foreground=[[15, 15, 10]], label=2, radius=4)
     pred = out.argmax(0)
-    assert (pred[region] == 2).all() and (pred[~region] == 0).all()
+    assert (pred[block] == 2).mean() > 0.9 and (pred[~block] == 0).all()
     np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-6)
-    # a background click removes the class from its region again, leaves the rest
-    out2 = apply_clicks(out, image, background=[[15, 15, 10]], label=2, radius=2)
-    removed = click_region(image, [15, 15, 10], radius=2)
-    assert (out2.argmax(0)[removed] == 0).all() and (out2.argmax(0)[region & ~removed] == 2).all()
+    # a background click with a fixed small reach removes only its own region of the class, leaves the rest
+    out2 = apply_clicks(out, image, background=[[15, 15, 10]], label=2, radius=2, max_radius=None)
+    removed = click_region(image, [15, 15, 10], radius=2, tolerance=None, within=pred == 2)
+    assert removed.sum() > 5 and (out2.argmax(0)[removed] == 0).all()
+    assert (out2.argmax(0)[(pred == 2) & ~removed] == 2).all()
+    # with the adaptive reach, a background click in the middle of a wrong blob removes most of it
+    out3 = apply_clicks(out, image, background=[[15, 15, 10]], label=2, radius=2)
+    assert (out3.argmax(0)[pred == 2] == 0).mean() > 0.9
+    # a click that agrees with the segmentation changes nothing outside its small region
+    assert (apply_clicks(out, image, foreground=[[15, 15, 10]], label=2).argmax(0) == pred).all()
     # without label, a foreground click takes the most probable foreground class at the click
     probs[1, 15, 15, 10] = 0.3
     assert apply_clicks(probs, image, foreground=[[15, 15, 10]]).argmax(0)[15, 15, 10] == 1

@@ -23,10 +23,14 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from guidino_monai.interactive import ClickRefiner, ClickSessions, apply_clicks, world_points_to_grid
 
-from ..params import label_index, parse_points, parse_return_guide
+from ..params import bad_request, label_index, parse_points, parse_return_guide
 from .guided_bundle import GuidedBundleInferTask, guide_mode
 
-__all__ = ["GuidedInteractiveInferTask"]
+__all__ = ["GuidedInteractiveInferTask", "PROTOTYPE_MODES"]
+
+#: ``click_prototypes``: ``auto`` uses the clicked tokens as TokenBook prototypes only when the guide ViT has
+#: foundation-model weights (random-init tokens carry no meaning: prototypes from them move the whole guide at random)
+PROTOTYPE_MODES = ("auto", "on", "off")
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,9 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
     Two corrections, both without retraining:
 
     1. the clicked voxels' DINO tokens become extra positive/negative prototypes of the TokenBook for this image, the
-       guide is recomputed and the segmentation re-run (:class:`guidino_monai.interactive.ClickRefiner`);
+       guide is recomputed and the segmentation re-run (:class:`guidino_monai.interactive.ClickRefiner`); with
+       ``click_prototypes: auto`` (the default) only when the guide ViT has foundation-model weights, ``on``/``off``
+       force it;
     2. each click's region (connected voxels of similar intensity within ``click_radius`` mm,
        :func:`guidino_monai.interactive.apply_clicks`) is forced to the click's class: a foreground click always adds
        its region, a background click removes it, whatever the guide ViT's weights.
@@ -60,6 +66,10 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         super().__init__(path, conf, type=InferType.DEEPGROW, **kwargs)
         self.description = "GuiDINO click refinement: clicks become TokenBook prototypes and intensity regions"
         self._config.pop("mirror_axes", None)  # no test-time mirroring for clicks
+        default = str((conf or {}).get("click_prototypes", "auto")).lower()
+        if default not in PROTOTYPE_MODES:
+            raise ValueError(f"--conf click_prototypes must be one of {PROTOTYPE_MODES}, got {default!r}")
+        self._config["click_prototypes"] = [default] + [m for m in PROTOTYPE_MODES if m != default]
         self.click_radius = float((conf or {}).get("click_radius", 4.0))
         self.click_tolerance = float((conf or {}).get("click_tolerance", 1.0))
         self.sessions = ClickSessions(self._make_refiner, max_sessions=max_sessions)
@@ -73,6 +83,11 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         """Check ``return_guide``, ``label`` and the click lists (400 naming the bad one)."""
         request["return_guide"] = parse_return_guide(request.get("return_guide", "none"), self.guide_modes)
         request.pop("mirror_axes", None)
+        mode = request.get("click_prototypes", "auto")
+        mode = mode[0] if isinstance(mode, list) and mode else mode
+        if str(mode).lower() not in PROTOTYPE_MODES:
+            raise bad_request(f"click_prototypes: {mode!r} is not one of {list(PROTOTYPE_MODES)}")
+        request["click_prototypes"] = str(mode).lower()
         label_index(request.get("label"), self.labels or {})
         for name in ("foreground", "background"):
             request[name] = parse_points(request.get(name), name, self.dimension)
@@ -113,7 +128,10 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         self.stats["vit_passes"] = self.sessions.vit_passes
         outside: list[dict[str, Any]] = []
         fg, bg = self._grid_points(data, "foreground", outside), self._grid_points(data, "background", outside)
-        logits, guide = refiner.predict(fg, bg)
+        mode = data.get("click_prototypes", "auto")
+        mode = mode[0] if isinstance(mode, list) and mode else mode
+        prototypes = mode == "on" or (mode == "auto" and bool(getattr(refiner.branch, "pretrained", False)))
+        logits, guide = refiner.predict(fg, bg) if prototypes else refiner.predict()
         idx = label_index(data.get("label"), self.labels or {})
         probs = torch.softmax(logits[0].float(), dim=0).cpu().numpy()
         intensities = image[0].detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)[0]
