@@ -187,7 +187,7 @@ def test_infer_on_dicom_series_keeps_series_geometry(server, orthanc):
     out = _infer_series(server, series_uid)
     assert out.shape[:3] == src.shape[:3]
     np.testing.assert_allclose(out.affine, src.affine, atol=1e-3)
-    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2}
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2, 3}  # 3: the guide segment (return_guide "segment")
 
 
 def test_final_label_stored_in_orthanc_as_dicom_seg(server, orthanc):
