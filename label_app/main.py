@@ -164,6 +164,12 @@ class GuiDINOApp(MONAILabelApp):
             description="GuiDINO-guided segmentation (DINO guide mask gating a MONAI SegResNet/UNet)",
             version="0.1.0",
         )
+        if isinstance(self._datastore, GuidedLocalDatastore):
+            self._datastore.label_values = {
+                name: {0} | {int(v) for v in (task.labels or {}).values()}
+                for name, task in self._infers.items()
+                if name != INTERACTIVE
+            }
 
     # -- tasks --------------------------------------------------------------------------------------------------
     def init_infers(self) -> dict[str, Any]:

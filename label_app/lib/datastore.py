@@ -175,6 +175,13 @@ class GuidedLocalDatastore(LocalDatastore):
         check_nifti(label_filename, f"label for {image_id!r}", shape=image_shape, integer=label_tag != "guide")
         label_filename, cleaned = drop_guide_segment(label_filename, label_info) if label_tag != "guide" else (
             label_filename, False)  # fmt: skip
+        if label_tag == DefaultLabelTag.FINAL.value:
+            try:
+                self.check_label_values(label_filename, label_info)
+            except HTTPException:
+                if cleaned:
+                    os.unlink(label_filename)
+                raise
         name = self._filename(image_id, label_ext)
         dest = os.path.join(self._datastore.label_path(label_tag), name)
         with FileLock(self._lock_file):
@@ -189,6 +196,32 @@ class GuidedLocalDatastore(LocalDatastore):
         if cleaned:
             os.unlink(label_filename)
         return image_id
+
+    #: model name -> class ids its labels may hold (0 included); set by the app. A final label with other values
+    #: (the ``guide`` segment submitted without ``label_info``, a Slicer segment the models do not know) would break
+    #: training, so it is refused with the reason.
+    label_values: dict[str, set[int]] = {}
+
+    def check_label_values(self, label_file: str, label_info: dict[str, Any] | None) -> None:
+        """400 when a final label holds values that are no class of its model (or of any model).
+
+        Raises:
+            HTTPException: naming the unknown values and the allowed ones.
+        """
+        if not self.label_values:
+            return
+        model = (label_info or {}).get("model") if isinstance(label_info, dict) else None
+        allowed = self.label_values.get(model) if isinstance(model, str) else None
+        if allowed is None:
+            allowed = set().union(*self.label_values.values())
+        values = {int(v) for v in np.unique(np.asanyarray(nib.load(label_file).dataobj))}
+        extra = sorted(values - allowed)
+        if extra:
+            raise HTTPException(
+                status_code=400,
+                detail=f"label values {extra} are no class of {model or 'the app models'} (allowed {sorted(allowed)}):"
+                " remove the 'guide' segment (or send label_info naming it) and segments the model does not know",
+            )
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_id(label_id, "label id")

@@ -410,3 +410,27 @@ def test_mirror_uncertainty_with_a_2d_image_in_the_datastore(server):
     assert r.json().get("id") != "us_2d"  # the 3D model scores only 3D images
     r = requests.post(server.url + "/activelearning/mirror_uncertainty", json={"model": FETAL}, timeout=600)
     assert r.status_code == 200 and r.json()["id"] == "us_2d", r.text
+
+
+def test_final_label_with_unknown_values_refused_unless_guide_is_named(server):
+    """The guide segment (value 3 for the hippocampus model) must never reach training as a class."""
+    import nibabel as nib
+    import requests
+
+    image_id = "hippocampus_000"
+    img = nib.load(server.studies / f"{image_id}.nii.gz")
+    truth = np.asarray(nib.load(server.root / "demo" / "labelsTr" / f"{image_id}.nii.gz").dataobj).astype(np.uint8)
+    label = truth.copy()
+    label[0, 0, 0] = 3
+    payload = _save(nib.Nifti1Image(label, img.affine))
+    r = requests.put(server.url + "/datastore/label", params={"image": image_id, "tag": "final"},
+                     files={"label": (f"{image_id}.nii.gz", payload)}, timeout=60)  # fmt: skip
+    assert r.status_code == 400 and "[3]" in r.json()["detail"] and "guide" in r.json()["detail"], r.text
+    info = {"label_info": [{"name": "hippocampus anterior", "idx": 1}, {"name": "hippocampus posterior", "idx": 2},
+                           {"name": "guide", "idx": 3}], "model": HIPPO}  # fmt: skip
+    r = requests.put(server.url + "/datastore/label", params={"image": image_id, "tag": "final"},
+                     data={"params": json.dumps(info)}, files={"label": (f"{image_id}.nii.gz", payload)},
+                     timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    stored = np.asarray(nib.load(server.studies / "labels" / "final" / f"{image_id}.nii.gz").dataobj)
+    assert np.array_equal(stored, truth)
