@@ -2,14 +2,26 @@
 
 Usage::
 
-    python benchmarks/click_refinement.py --dataset_dir ../shared/data/msd_hippocampus --num_cases 5
+    python benchmarks/click_refinement.py --dataset_dir ../shared/data/msd_hippocampus --num_cases 10 \
+        --weights <trained model.pt> --json benchmarks/results/click_refinement.json
     python benchmarks/click_refinement.py --dataset_dir demo --tiny      # synthetic data, random tiny network
 
 The simulated user clicks at the centre of the largest error region (:func:`guidino_monai.interactive.next_click`):
-a foreground click where the true label is foreground, a background click otherwise. Each click's DINO token becomes an
-extra positive/negative TokenBook prototype (no retraining); the ViT runs once per case, each click costs one TokenBook
-+ backbone pass (timed). Dice is the mean over labels 1 and 2 on the bundle's preprocessed grid (1 mm RAS). Cases are
-the bundle's validation split (``prepare_datalists``, seed 0).
+a foreground click where the true label is foreground (for that label), a background click otherwise (for the label
+predicted there). Two methods are compared on the same clicks' rule, each with its own click sequence:
+
+- ``prototypes``: each click's DINO token becomes an extra positive/negative TokenBook prototype (no retraining); the
+  ViT runs once per case, each click costs one TokenBook + backbone pass;
+- ``prototypes+regions``: the same, then each click's intensity region
+  (:func:`guidino_monai.interactive.apply_clicks`, ``--radius`` mm, ``--tolerance`` std) is forced to the click's
+  label, training-free, so a click helps whatever the guide ViT's weights;
+- ``regions``: the regions alone (what the MONAI Label app serves by default when the guide ViT has random weights:
+  ``click_prototypes: auto``).
+
+``--methods`` picks some of them.
+
+Dice is the mean over labels 1 and 2 on the bundle's preprocessed grid (1 mm RAS). Cases are the bundle's validation
+split (``prepare_datalists``, seed 0), never seen in training.
 Weights: the bundle's ``models/model.pt`` (``--weights``);
 without DINOv2 weights in the bundle the guide ViT is random-init, which the output says.
 """
@@ -28,7 +40,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from guidino_monai.bundle import prepare_datalists
-from guidino_monai.interactive import ClickRefiner, next_click
+from guidino_monai.interactive import ClickRefiner, apply_clicks, next_click
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "guidino_hippocampus_mri_segmentation"
 
@@ -42,14 +54,71 @@ def dice(pred: np.ndarray, label: np.ndarray, labels=(1, 2)) -> float:
     return float(np.mean(scores))
 
 
+def run_case(
+    refiner: ClickRefiner,
+    image: torch.Tensor,
+    label: np.ndarray,
+    clicks: int,
+    steps: list[int],
+    regions: bool,
+    radius: float,
+    tolerance: float,
+    prototypes: bool = True,
+    max_radius: float | None = 12.0,
+) -> tuple[dict[int, float], list[float], int, int]:
+    """Simulated clicks on one case: ``(Dice per step, seconds per click, foreground clicks, background clicks)``."""
+    intensities = image[0, 0].numpy()
+    fg, bg, history, scores, seconds = [], [], [], {}, []
+    for k in range(clicks + 1):
+        t = time.perf_counter()
+        logits, _ = refiner.predict(fg, bg) if prototypes else refiner.predict()
+        probs = torch.softmax(logits[0].float(), 0).numpy()
+        if regions:
+            for point, is_fg, lab in history:  # in click order: a later click wins where regions overlap
+                probs = apply_clicks(probs, intensities, [point] if is_fg else [], [] if is_fg else [point], label=lab,
+                                     radius=radius, tolerance=tolerance, max_radius=max_radius)  # fmt: skip
+        pred = probs.argmax(0)
+        if k > 0:
+            seconds.append(time.perf_counter() - t)
+        if k in steps:
+            scores[k] = dice(pred, label)
+        click = next_click(pred, label)
+        if click is None:
+            for j in steps:
+                scores.setdefault(j, scores[k]) if j > k else None
+            break
+        point, is_fg = click
+        lab = int(label[tuple(point)]) if is_fg else int(pred[tuple(point)])
+        (fg if is_fg else bg).append(point)
+        history.append((point, is_fg, lab))
+    return scores, seconds, len(fg), len(bg)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset_dir", default=str(Path(__file__).resolve().parents[2] / "shared/data/msd_hippocampus"))
     ap.add_argument("--weights", default=str(BUNDLE / "models" / "model.pt"))
-    ap.add_argument("--num_cases", type=int, default=5)
+    ap.add_argument("--num_cases", type=int, default=10)
+    ap.add_argument(
+        "--max_cases",
+        type=int,
+        default=None,
+        help="as the training run's max_cases, so the validation split is the one it held out",
+    )
     ap.add_argument("--clicks", type=int, default=5)
-    ap.add_argument("--tiny", action="store_true", help="random-init depth-2 ViT (smoke runs, no weights)")
+    ap.add_argument("--radius", type=float, default=4.0, help="click region radius (mm; the grid is 1 mm)")
+    ap.add_argument("--tolerance", type=float, default=1.0, help="click region intensity band (std)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="depth-2 guide ViT, guide_size 56 (as a quick CPU training run with those overrides)",
+    )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--exclude_first", type=int, default=0,
+                    help="leave out the first N cases by name (those a quick --max_cases N training run saw, and the "
+                    "validation cases the click regions were tuned on): a clean held-out set")  # fmt: skip
+    ap.add_argument("--methods", default="prototypes,prototypes+regions,regions")
+    ap.add_argument("--max_radius", type=float, default=12.0, help="largest click region radius (mm)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,65 +127,77 @@ def main() -> None:
     train = ConfigParser()
     train.read_config(str(BUNDLE / "configs" / "train.json"))
     train["bundle_root"] = str(BUNDLE)
-    data = prepare_datalists(args.dataset_dir, "hippocampus", str(BUNDLE / "demo_data"), val_fraction=0.2, seed=0)
-    cases = data["val"][: args.num_cases]
+    data = prepare_datalists(args.dataset_dir, "hippocampus", str(BUNDLE / "demo_data"), val_fraction=0.2, seed=0,
+                             max_cases=args.max_cases)  # fmt: skip
+    seen = set()
+    if args.exclude_first:
+        seen = {Path(d["image"]).name for d in sorted(data["all"], key=lambda d: Path(d["image"]).name)}
+        seen = set(sorted(seen)[: args.exclude_first])
+    cases = [d for d in data["val"] if Path(d["image"]).name not in seen][: args.num_cases]
     infer = ConfigParser()
     infer.read_config(str(BUNDLE / "configs" / "inference.json"))
     infer["bundle_root"] = str(BUNDLE)
     infer["device"] = "$torch.device('cpu')"
     if args.tiny:
         infer["guide_backbone_kwargs"] = {"depth": 2}
+        infer["guide_kwargs#guide_size"] = 56
     net = infer.get_parsed_content("network_def", instantiate=True)
     weights = "random init"
-    if not args.tiny and Path(args.weights).is_file():
+    if Path(args.weights).is_file():
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        net.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
+        net.load_state_dict(state.get("model", state) if isinstance(state, dict) and "model" in state else state)
         weights = args.weights
+    guide_vit = "pretrained" if getattr(net.guide, "pretrained", False) else "random-init"
     net.eval()
     pre = train.get_parsed_content("validate#preprocessing", instantiate=True)
     roi = infer.get_parsed_content("roi_size")
     refiner = ClickRefiner(net, roi_size=roi, sw_batch_size=4, overlap=0.5, mode="gaussian")
     steps = sorted({0, 1, 3, args.clicks} & set(range(args.clicks + 1)))
-    per_case, click_seconds, vit_seconds = [], [], []
+    known = {"prototypes": (False, True), "prototypes+regions": (True, True), "regions": (True, False)}
+    methods = {m: known[m] for m in args.methods.split(",")}
+    per_case, seconds, vit_seconds = [], {m: [] for m in methods}, []
     for item in cases:
         d = pre(dict(item))
         image, label = d["image"][None].float(), d["label"][0].numpy().astype(np.int64)
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image
         t = time.perf_counter()
         refiner.set_image(image)
         vit_seconds.append(time.perf_counter() - t)
-        fg, bg, scores = [], [], {}
-        for k in range(args.clicks + 1):
-            t = time.perf_counter()
-            logits, _ = refiner.predict(fg, bg)
-            if k > 0:
-                click_seconds.append(time.perf_counter() - t)
-            pred = logits[0].argmax(0).numpy()
-            if k in steps:
-                scores[k] = dice(pred, label)
-            click = next_click(pred, label)
-            if click is None:
-                for j in range(k + 1, args.clicks + 1):
-                    scores.setdefault(j, scores[k]) if j in steps else None
-                break
-            (fg if click[1] else bg).append(click[0])
-        per_case.append({"image": Path(item["image"]).name, "dice": scores, "fg": len(fg), "bg": len(bg)})
-        print(f"{per_case[-1]['image']}: " + ", ".join(f"{k} clicks {v:.4f}" for k, v in sorted(scores.items())))
-    table = {k: statistics.mean(c["dice"][k] for c in per_case) for k in steps}
-    print(f"\nweights: {weights}; data: {data['dataset_dir']} ({'demo' if data['demo'] else 'real'}); "
-          f"{len(per_case)} validation cases; CPU threads {args.threads}")  # fmt: skip
-    print("| clicks | mean Dice (labels 1, 2) |\n|---|---|")
+        row = {"image": Path(item["image"]).name}
+        for m, (regions, prototypes) in methods.items():
+            scores, secs, n_fg, n_bg = run_case(refiner, image, label, args.clicks, steps, regions, args.radius,
+                                                args.tolerance, prototypes, args.max_radius)  # fmt: skip
+            seconds[m] += secs
+            row[m] = {"dice": scores, "fg": n_fg, "bg": n_bg}
+        per_case.append(row)
+        parts = [f"{m} " + ", ".join(f"{k}:{v:.3f}" for k, v in sorted(row[m]["dice"].items())) for m in methods]
+        print(f"{row['image']}: " + "; ".join(parts))
+    table = {m: {k: statistics.mean(c[m]["dice"][k] for c in per_case) for k in steps} for m in methods}
+    print(f"\nweights: {weights} (guide ViT {guide_vit}); data: {data['dataset_dir']} "
+          f"({'demo' if data['demo'] else 'real'}); {len(per_case)} held-out validation cases; CPU threads "
+          f"{args.threads}; region radius {args.radius} mm, tolerance {args.tolerance}")  # fmt: skip
+    print("| clicks | " + " | ".join(f"{m} mean Dice" for m in methods) + " |\n|---|" + "---|" * len(methods))
     for k in steps:
-        print(f"| {k} | {table[k]:.4f} |")
-    print(f"seconds per click (TokenBook + backbone, CPU): median {statistics.median(click_seconds):.3f}; "
-          f"ViT once per case: median {statistics.median(vit_seconds):.3f}")  # fmt: skip
+        print(f"| {k} | " + " | ".join(f"{table[m][k]:.4f} ({table[m][k] - table[m][0]:+.4f})" for m in methods) + " |")
+    for m in methods:
+        if seconds[m]:
+            print(f"{m}: seconds per click median {statistics.median(seconds[m]):.3f}, max {max(seconds[m]):.3f}")
+    print(f"ViT once per case: median {statistics.median(vit_seconds):.3f} s")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
                 {
+                    "command": "python " + " ".join(__import__("sys").argv),
                     "table": table,
+                    "gain": {m: {k: table[m][k] - table[m][0] for k in steps} for m in methods},
                     "cases": per_case,
-                    "seconds_per_click": statistics.median(click_seconds),
+                    "seconds_per_click": {m: statistics.median(v) for m, v in seconds.items() if v},
+                    "max_seconds_per_click": {m: max(v) for m, v in seconds.items() if v},
                     "weights": weights,
+                    "guide_vit": guide_vit,
+                    "radius_mm": args.radius,
+                    "tolerance": args.tolerance,
+                    "max_radius_mm": args.max_radius,
                 },
                 indent=2,
             )

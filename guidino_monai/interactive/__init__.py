@@ -13,6 +13,16 @@
 
 from __future__ import annotations
 
-from .clicks import ClickRefiner, next_click, point_to_token, world_points_to_grid
+from .click_maps import apply_clicks, click_region
+from .clicks import ClickRefiner, ClickSessions, image_digest, next_click, point_to_token, world_points_to_grid
 
-__all__ = ["ClickRefiner", "next_click", "point_to_token", "world_points_to_grid"]
+__all__ = [
+    "ClickRefiner",
+    "ClickSessions",
+    "apply_clicks",
+    "click_region",
+    "image_digest",
+    "next_click",
+    "point_to_token",
+    "world_points_to_grid",
+]

@@ -13,7 +13,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,7 +26,17 @@ import torch.nn as nn
 from ..inferers import GuidedSlidingWindowInferer, unwrap_network
 from ..networks.blocks.guide import guide_slice_index, resample_guide
 
-__all__ = ["ClickRefiner", "next_click", "point_to_token", "world_points_to_grid"]
+__all__ = ["ClickRefiner", "ClickSessions", "image_digest", "next_click", "point_to_token", "world_points_to_grid"]
+
+
+def image_digest(image: torch.Tensor | np.ndarray) -> str:
+    """A digest of an image's shape, dtype and voxel values (BLAKE2b), to tell re-uploaded images apart."""
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    arr = np.ascontiguousarray(arr)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((arr.shape, str(arr.dtype))).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def point_to_token(point: Sequence[float], spatial_shape: Sequence[int], token_shape: Sequence[int],
@@ -120,6 +133,7 @@ class ClickRefiner:
         self.inferer = None if roi_size is None else GuidedSlidingWindowInferer(roi_size, **sw_kwargs)
         self.image: torch.Tensor | None = None
         self.tokens: torch.Tensor | None = None
+        self.digest: str | None = None
 
     @torch.no_grad()
     def set_image(self, image: torch.Tensor) -> None:
@@ -129,6 +143,7 @@ class ClickRefiner:
         plain = image.as_tensor() if hasattr(image, "as_tensor") else image
         self.branch.check_input(plain)
         self.image = plain
+        self.digest = image_digest(plain)
         self.tokens = self.branch.encode(plain)
 
     def _tokens_at(self, points: Sequence[Sequence[float]]) -> torch.Tensor | None:
@@ -168,3 +183,45 @@ class ClickRefiner:
         if self.inferer is None:
             return self.network(self.image, guide=guide.to(self.image.dtype)), guide
         return self.inferer(self.image, self.network, guide=low), guide
+
+
+class ClickSessions:
+    """The last ``max_sessions`` :class:`ClickRefiner` s (an LRU), keyed by the caller's key **and the image content**.
+
+    A client may upload another image under the same id and shape (a corrected scan, another patient saved under the
+    same name): keyed by id alone, the cached DINO tokens of the old image would be reused silently. Here the key is
+    ``(key, image_digest(image))``, so changed voxels always mean a new ViT pass.
+
+    Args:
+        factory: ``network -> ClickRefiner`` (sliding-window settings of the task).
+        max_sessions: how many images to keep.
+    """
+
+    def __init__(self, factory: Callable[[nn.Module], ClickRefiner], max_sessions: int = 4) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {max_sessions}.")
+        self.factory = factory
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[tuple, ClickRefiner] = OrderedDict()
+        self._lock = threading.Lock()
+        self.vit_passes = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, key: Hashable, image: torch.Tensor, network: nn.Module) -> ClickRefiner:
+        """The session for ``image`` (``(1, C, *spatial)``) under ``key``, created (one ViT pass) when absent, when the
+        image content differs from the cached one, or when ``network`` is another object (reloaded weights)."""
+        full = (key, image_digest(image))
+        with self._lock:
+            refiner = self._sessions.get(full)
+            if refiner is not None and refiner.network is network:
+                self._sessions.move_to_end(full)
+                return refiner
+            refiner = self.factory(network)
+            refiner.set_image(image)
+            self.vit_passes += 1
+            self._sessions[full] = refiner
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+            return refiner

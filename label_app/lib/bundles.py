@@ -13,14 +13,21 @@
 ``<model_dir>/<bundle>/configs`` is refreshed from ``bundles/<bundle>/configs`` at every start (so bundle edits reach
 the app), with the app's overrides applied; ``<model_dir>/<bundle>/models`` belongs to the app: the served weights,
 which training replaces. The repository's ``bundles/`` folder is never written to.
+
+Where the served ``models/model.pt`` came from is recorded next to it in ``models/weights.json`` (``source``:
+``bundle``, ``app training`` or ``random``). At every start the bundle's trained ``bundles/<bundle>/models/model.pt``
+replaces served weights that were random or an older copy of the bundle's; weights trained in the app are kept (with a
+warning naming the bundle file when that one changed). :func:`weights_status` is what ``/info/`` reports.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,17 @@ from monai.bundle import ConfigParser
 
 from guidino_monai.utils import atomic_write
 
-__all__ = ["BUNDLES_DIR", "available_bundles", "prepare_bundle", "atomic_torch_save", "load_weights"]
+__all__ = [
+    "BUNDLES_DIR",
+    "PROVENANCE_FILE",
+    "available_bundles",
+    "prepare_bundle",
+    "atomic_torch_save",
+    "load_weights",
+    "read_provenance",
+    "write_provenance",
+    "weights_status",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +54,70 @@ logger = logging.getLogger(__name__)
 BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
 
 CONFIGS_WITH_OVERRIDES = ("inference.json", "train.json")
+#: provenance of the served weights, next to them
+PROVENANCE_FILE = "weights.json"
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_provenance(bundle_path: str | os.PathLike) -> dict[str, Any]:
+    """``models/weights.json`` of an app bundle copy (``{}`` when absent or unreadable)."""
+    try:
+        return dict(json.loads((Path(bundle_path) / "models" / PROVENANCE_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def write_provenance(bundle_path: str | os.PathLike, info: dict[str, Any]) -> None:
+    """Write ``models/weights.json`` (atomically), adding the time."""
+    info = dict(info, ts=int(time.time()))
+    target = Path(bundle_path) / "models" / PROVENANCE_FILE
+    atomic_write(target, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+
+
+def weights_status(bundle_path: str | os.PathLike) -> dict[str, Any]:
+    """What ``/info/`` says about an app bundle copy's served weights.
+
+    Returns:
+        ``{"source": "bundle" | "app training" | "random", "trained": bool, "guide_vit": "pretrained" | "random",
+        "warning": str}`` (``warning`` empty when the network is trained and its guide ViT has foundation weights).
+    """
+    prov = read_provenance(bundle_path)
+    source = prov.get("source", "random")
+    name = Path(bundle_path).name
+    pretrained = None
+    try:
+        pretrained = json.loads((Path(bundle_path) / "configs" / "inference.json").read_text()).get(
+            "pretrained_weights"
+        )
+    except (OSError, ValueError):
+        pass
+    vit_pretrained = isinstance(pretrained, str) and bool(pretrained.strip())
+    if vit_pretrained and not pretrained.startswith(("$", "@")) and not os.path.isfile(pretrained):
+        vit_pretrained = False
+    warnings = []
+    if source == "random":
+        warnings.append(
+            "UNTRAINED: randomly initialised network, its segmentations are noise until trained (submit labels and"
+            f" train, or put trained weights at bundles/{name}/models/model.pt and restart)"
+        )
+    if not vit_pretrained:
+        warnings.append(
+            "guide ViT has random weights (no DINO file: start with --conf bundle_overrides"
+            ' \'{"pretrained_weights": "/path/to/dino_weights.pth"}\')'
+        )
+    return {
+        "source": source,
+        "trained": source != "random",
+        "guide_vit": "pretrained" if vit_pretrained else "random",
+        "warning": "; ".join(warnings),
+    }
 
 
 def available_bundles(bundles_dir: str | os.PathLike = BUNDLES_DIR) -> list[str]:
@@ -114,16 +195,31 @@ def prepare_bundle(
     parser["bundle_root"] = str(dst)
     parser["device"] = "$torch.device('cpu')"
     network = parser.get_parsed_content("network_def", instantiate=True)
-    if not served.is_file():
-        trained = src / "models" / "model.pt"
-        if init_weights == "bundle" and trained.is_file():
+    prov = read_provenance(dst)
+    if served.is_file() and not prov and (dst / "models" / "train_history.json").is_file():
+        prov = {"source": "app training"}  # an app version before weights.json: trained here
+    trained = src / "models" / "model.pt"
+    if init_weights == "bundle" and trained.is_file():
+        sha = _sha256(trained)
+        source = prov.get("source", "random") if served.is_file() else "random"
+        if source == "random" or (source == "bundle" and prov.get("sha256") != sha):
             atomic_write(served, lambda tmp: shutil.copyfile(trained, tmp))
+            write_provenance(dst, {"source": "bundle", "sha256": sha, "from": str(trained)})
             logger.info("%s: serving the bundle's trained weights %s", name, trained)
-        else:
-            atomic_torch_save(network.state_dict(), served)
+        elif source == "app training" and prov.get("base_sha256") != sha:
             logger.warning(
-                "%s: no trained weights: serving a RANDOMLY INITIALISED network (train it from labels)", name
-            )
+                "%s: serving the weights trained in the app (%s); the bundle has other trained weights at %s: remove %s"
+                " to serve those",
+                name, served, trained, served,
+            )  # fmt: skip
+    elif not served.is_file():
+        atomic_torch_save(network.state_dict(), served)
+        write_provenance(dst, {"source": "random"})
+        logger.warning(
+            "%s: no trained weights (bundles/%s/models/model.pt absent): serving a RANDOMLY INITIALISED network, /info/"
+            " says so (train it from labels, or put trained weights there and restart)",
+            name, name,
+        )  # fmt: skip
     try:
         load_weights(network, served)
     except RuntimeError as e:

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 
 from guidino_monai.utils import atomic_write
 
-__all__ = ["GuidedLocalDatastore", "check_id", "check_nifti"]
+__all__ = ["GuidedLocalDatastore", "check_id", "check_nifti", "drop_guide_segment", "image_dimension"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,14 @@ def check_id(value: str, what: str = "image id") -> str:
     return value
 
 
+def image_dimension(path: str) -> int | None:
+    """Number of spatial axes longer than 1 in a NIfTI header (``None`` when it cannot be read)."""
+    try:
+        return len([s for s in nib.load(path).shape[:3] if s > 1])
+    except Exception:
+        return None
+
+
 def check_nifti(path: str, what: str, shape: tuple[int, ...] | None = None, integer: bool = False) -> tuple:
     """Open a NIfTI fully (header and voxels) and check it; a 400 ``HTTPException`` names what is wrong.
 
@@ -54,7 +63,9 @@ def check_nifti(path: str, what: str, shape: tuple[int, ...] | None = None, inte
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # any reader error is the client's file, not the server
-        raise HTTPException(status_code=400, detail=f"{what} is not a readable NIfTI file: {type(e).__name__}: {e}")
+        raise HTTPException(
+            status_code=400, detail=f"{what} is not a readable NIfTI file: {type(e).__name__}: {e}"
+        ) from e
     if data.ndim < 2 or data.size == 0:
         raise HTTPException(status_code=400, detail=f"{what} has shape {data.shape}: not an image")
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
@@ -67,6 +78,41 @@ def check_nifti(path: str, what: str, shape: tuple[int, ...] | None = None, inte
         if spatial != tuple(shape) and squeezed != tuple(s for s in shape if s != 1):
             raise HTTPException(status_code=400, detail=f"{what} has shape {data.shape}, the image has {tuple(shape)}")
     return spatial
+
+
+def drop_guide_segment(label_file: str, label_info: dict[str, Any] | None) -> tuple[str, bool]:
+    """3D Slicer submits every segment, the ``guide`` segment of ``return_guide: "segment"`` too: set its voxels to 0.
+
+    Slicer's ``PUT /datastore/label`` carries ``{"label_info": [{"name": ..., "idx": ...}, ...]}``; the entry named
+    ``guide`` gives the value to clear.
+
+    Returns:
+        ``(file, cleaned)``: a new temporary file (``cleaned`` True, the caller removes it) or ``label_file`` as is.
+    """
+    from .params import GUIDE_SEGMENT
+
+    entries = (label_info or {}).get("label_info") if isinstance(label_info, dict) else None
+    if not isinstance(entries, list):
+        return label_file, False
+    values = []
+    for e in entries:
+        if isinstance(e, dict) and str(e.get("name", "")).strip().lower() == GUIDE_SEGMENT:
+            v = e.get("idx", e.get("id"))
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                values.append(v)
+    if not values:
+        return label_file, False
+    img = nib.load(label_file)
+    data = np.asanyarray(img.dataobj)
+    if not np.isin(data, values).any():
+        return label_file, False
+    data = np.where(np.isin(data, values), 0, data).astype(data.dtype)
+    ext = ".nii.gz" if label_file.endswith(".nii.gz") else ".nii"
+    fd, out = tempfile.mkstemp(suffix=ext)
+    os.close(fd)
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), out)
+    logger.info("dropped the guide segment (values %s) from the submitted label", values)
+    return out, True
 
 
 def _atomic_copy(src: str, dest: str) -> None:
@@ -89,6 +135,7 @@ class GuidedLocalDatastore(LocalDatastore):
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         check_id(image_id)
+        self.refresh()
         return super().get_image_info(image_id)
 
     def get_label_uri(self, label_id: str, label_tag: str) -> str:
@@ -126,6 +173,15 @@ class GuidedLocalDatastore(LocalDatastore):
             raise HTTPException(status_code=400, detail=f"label must be a .nii or .nii.gz file, got {label_ext!r}")
         image_shape = check_nifti(self.get_image_uri(image_id), f"image {image_id!r}")
         check_nifti(label_filename, f"label for {image_id!r}", shape=image_shape, integer=label_tag != "guide")
+        label_filename, cleaned = drop_guide_segment(label_filename, label_info) if label_tag != "guide" else (
+            label_filename, False)  # fmt: skip
+        if label_tag == DefaultLabelTag.FINAL.value:
+            try:
+                self.check_label_values(label_filename, label_info)
+            except HTTPException:
+                if cleaned:
+                    os.unlink(label_filename)
+                raise
         name = self._filename(image_id, label_ext)
         dest = os.path.join(self._datastore.label_path(label_tag), name)
         with FileLock(self._lock_file):
@@ -137,7 +193,35 @@ class GuidedLocalDatastore(LocalDatastore):
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)
             self._datastore.objects[image_id] = obj
             self._update_datastore_file(lock=False)
+        if cleaned:
+            os.unlink(label_filename)
         return image_id
+
+    #: model name -> class ids its labels may hold (0 included); set by the app. A final label with other values
+    #: (the ``guide`` segment submitted without ``label_info``, a Slicer segment the models do not know) would break
+    #: training, so it is refused with the reason.
+    label_values: dict[str, set[int]] = {}
+
+    def check_label_values(self, label_file: str, label_info: dict[str, Any] | None) -> None:
+        """400 when a final label holds values that are no class of its model (or of any model).
+
+        Raises:
+            HTTPException: naming the unknown values and the allowed ones.
+        """
+        if not self.label_values:
+            return
+        model = (label_info or {}).get("model") if isinstance(label_info, dict) else None
+        allowed = self.label_values.get(model) if isinstance(model, str) else None
+        if allowed is None:
+            allowed = set().union(*self.label_values.values())
+        values = {int(v) for v in np.unique(np.asanyarray(nib.load(label_file).dataobj))}
+        extra = sorted(values - allowed)
+        if extra:
+            raise HTTPException(
+                status_code=400,
+                detail=f"label values {extra} are no class of {model or 'the app models'} (allowed {sorted(allowed)}):"
+                " remove the 'guide' segment (or send label_info naming it) and segments the model does not know",
+            )
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_id(label_id, "label id")
@@ -178,6 +262,20 @@ class GuidedLocalDatastore(LocalDatastore):
                 write()
         else:
             write()
+
+    def refresh(self) -> None:
+        """Re-read ``datastore_v2.json`` if another process (scoring, training, strategies run in subprocesses) wrote
+        it, so ``GET /datastore`` and ``/info/`` show their results."""
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+
+    def json(self) -> dict[str, Any]:
+        self.refresh()
+        return super().json()
+
+    def status(self) -> dict[str, Any]:
+        self.refresh()
+        return super().status()
 
     def datalist(self, full_path: bool = True) -> list[dict[str, Any]]:
         self._init_from_datastore_file()

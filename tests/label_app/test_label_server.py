@@ -53,8 +53,16 @@ def test_info_lists_models_with_labels(server):
     info = requests.get(server.url + "/info/", timeout=30).json()
     models = info["models"]
     assert set(models) == {HIPPO, FETAL, INTERACTIVE}
-    assert models[HIPPO]["labels"] == {"anterior": 1, "posterior": 2}
+    assert models[HIPPO]["labels"] == {"hippocampus anterior": 1, "hippocampus posterior": 2}
     assert models[FETAL]["labels"] == {"fetal head": 1}
+    for name in (HIPPO, FETAL, INTERACTIVE):  # every config entry is something Slicer can show and send back
+        for key, value in models[name]["config"].items():
+            assert value not in ([], None, {}), (name, key, value)
+    # random init (init_weights=random) and no DINO file: /info/ says both
+    weights = models[HIPPO]["weights"]
+    assert weights["source"] == "random" and weights["trained"] is False and weights["guide_vit"] == "random"
+    assert "UNTRAINED" in weights["warning"] and "guide ViT has random weights" in weights["warning"]
+    assert "UNTRAINED" in info["description"]
     assert models[INTERACTIVE]["type"] == "deepgrow"
     assert set(info["trainers"]) == {HIPPO, FETAL}
     assert {"random", "mirror_uncertainty"} <= set(info["strategies"])
@@ -69,10 +77,11 @@ def test_infer_upload_keeps_input_geometry_and_returns_guide(server):
     arr = (rng.random((30, 36, 20)) * 200).astype(np.float32)
     affine = np.array([[-1.2, 0.0, 0.0, 10.0], [0.0, 0.0, 0.9, -5.0], [0.0, 1.5, 0.0, 3.0], [0, 0, 0, 1]])
     files = {"file": ("oblique.nii.gz", _save(__import__("nibabel").Nifti1Image(arr, affine)))}
-    r = requests.post(server.url + f"/infer/{HIPPO}", params={"output": "image"}, files=files, timeout=300)
+    r = requests.post(server.url + f"/infer/{HIPPO}", params={"output": "image"}, files=files,
+                      data={"params": json.dumps({"return_guide": "none"})}, timeout=300)  # fmt: skip
     assert r.status_code == 200, r.text[:2000] + server.tail()
     out = _load(r.content)
-    assert out.shape == arr.shape
+    assert out.shape == arr.shape and out.get_data_dtype() == np.uint8
     np.testing.assert_allclose(out.affine, affine, atol=1e-4)
     assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2}
     # the guide mask as the returned image, same geometry, values in [0, 1]
@@ -94,7 +103,8 @@ def test_infer_2d_fetal_head(server):
     r = requests.post(server.url + f"/infer/{FETAL}", params={"output": "image"}, files=files, timeout=300)
     assert r.status_code == 200, r.text[:2000] + server.tail()
     out = _load(r.content)
-    assert out.shape[:2] == arr.shape and set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+    assert out.shape[:2] == arr.shape and out.get_data_dtype() == np.uint8
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1, 2}  # 2: the guide segment (return_guide "segment")
     np.testing.assert_allclose(out.header.get_zooms()[:2], (0.2, 0.2), atol=1e-5)
 
 
@@ -123,11 +133,18 @@ def test_slicer_flow_train_and_reinfer(server):
     assert (final_dir / f"{image_id}.nii.gz").read_bytes() == truth
     served = server.root / "model" / HIPPO / "models" / "model.pt"
     before_sha = _sha(served)
-    r = requests.post(url + f"/train/{HIPPO}", json={"max_epochs": 2, "val_split": 0.5}, timeout=60)
+    r = requests.post(url + f"/train/{HIPPO}", json={"max_epochs": 3, "val_split": 0.5}, timeout=60)
     assert r.status_code == 200, r.text
-    # inference is served while training runs (training is a subprocess)
     t0 = time.time()
+    progress = served.parent / "train_progress.json"
+    while (
+        not (progress.is_file() and json.loads(progress.read_text())["start_ts"] >= t0 - 5) and time.time() - t0 < 120
+    ):
+        time.sleep(0.5)  # the training subprocess has started its run
+    # inference is served while training runs (training is a subprocess)
+    infer_start = time.time()
     r = requests.post(url + f"/infer/{HIPPO}", params={"image": image_id, "output": "json"}, timeout=300)
+    infer_end = time.time()
     assert r.status_code == 200
     status = requests.get(url + "/train/", timeout=30).json()
     while status["status"] in ("SUBMITTED", "RUNNING") and time.time() - t0 < 300:
@@ -136,11 +153,17 @@ def test_slicer_flow_train_and_reinfer(server):
     assert status["status"] == "DONE", json.dumps(status, indent=1)[-3000:]
     history = json.loads((served.parent / "train_history.json").read_text())
     last = history[-1]
+    assert last["start_ts"] < infer_end and last["end_ts"] > infer_start, "the inference did not overlap the training"
     assert last["train_cases"] == 1 and last["val_cases"] == 1
     assert last["swapped"] == (last["val_dice_after"] >= last["val_dice_before"])
     assert (_sha(served) != before_sha) == last["swapped"]
     info = requests.get(url + "/info/", timeout=30).json()
-    assert info["train_stats"][HIPPO]["end_ts"] == last["end_ts"]
+    stats = info["train_stats"][HIPPO]
+    assert stats["end_ts"] == last["end_ts"] and stats["epoch"] == stats["total_epochs"] == 3
+    assert stats["total_time"] > 0 and stats["best_metric"] == (last["val_dice_after"] if last["swapped"] else
+                                                                  last["val_dice_before"])  # fmt: skip
+    if last["swapped"]:
+        assert info["models"][HIPPO]["weights"]["source"] == "app training"
     r = requests.post(url + f"/infer/{HIPPO}", params={"image": image_id, "output": "image"}, timeout=300)
     assert r.status_code == 200 and _load(r.content).shape == pred.shape
     # scoring: Dice of the submitted labels against the model's prediction
@@ -163,6 +186,8 @@ def test_killed_training_leaves_served_model(server):
     n_before = len(list(runs.glob("*/checkpoint_last.pt")))
     while len(list(runs.glob("*/checkpoint_last.pt"))) <= n_before and time.time() - t0 < 240:
         time.sleep(1)  # wait until it is well into training (an epoch checkpoint written)
+    assert len(list(runs.glob("*/checkpoint_last.pt"))) > n_before, "training wrote no epoch checkpoint in 240 s"
+    assert requests.get(server.url + "/train/", params={"check_if_running": "true"}, timeout=30).status_code == 200
     assert requests.delete(server.url + "/train/", timeout=60).status_code == 200
     status = requests.get(server.url + "/train/", timeout=30).json()
     assert status["status"] == "STOPPED"
@@ -238,27 +263,36 @@ def test_concurrent_label_submissions_leave_one_complete_file(server):
     assert not [n for n in leftovers if ".partial" in n]
 
 
-def test_interactive_clicks_refine_without_vit_rerun(server):
+def test_interactive_clicks_change_voxels_without_vit_rerun(server):
+    import nibabel as nib
     import requests
 
     ids = sorted(requests.get(server.url + "/datastore/", params={"output": "all"}, timeout=30).json()["objects"])
-    params = {"foreground": [[16, 20, 16]], "background": [[1, 1, 1]]}
-    outs, times = [], []
-    for extra in ([], [[12, 22, 16]]):
-        p = dict(params, foreground=params["foreground"] + extra)
-        t = time.time()
-        r = requests.post(server.url + f"/infer/{INTERACTIVE}", params={"image": ids[0], "output": "image"},
-                          data={"params": json.dumps(p)}, timeout=300)  # fmt: skip
-        times.append(time.time() - t)
+    image_id = ids[0]
+    truth = np.asarray(nib.load(server.root / "demo" / "labelsTr" / f"{image_id}.nii.gz").dataobj).astype(int)
+    anterior = np.argwhere(truth == 1)
+    fg = [int(v) for v in anterior[len(anterior) // 2]]
+    bg = [1, 1, 1]
+
+    def click(params: dict, output: str = "image"):
+        r = requests.post(server.url + f"/infer/{INTERACTIVE}", params={"image": image_id, "output": output},
+                          data={"params": json.dumps(params)}, timeout=300)  # fmt: skip
         assert r.status_code == 200, r.text[:2000]
-        outs.append(np.asarray(_load(r.content).dataobj))
-    assert outs[0].shape == outs[1].shape
-    r = requests.post(server.url + f"/infer/{INTERACTIVE}", params={"image": ids[0], "output": "image"},
-                      data={"params": json.dumps(dict(params, label="anterior"))}, timeout=300)  # fmt: skip
-    assert r.status_code == 200 and set(np.unique(np.asarray(_load(r.content).dataobj))) <= {0, 1}
-    r = requests.post(server.url + f"/infer/{INTERACTIVE}", params={"image": ids[0], "output": "json"},
-                      data={"params": json.dumps({"foreground": [[1, 2]]})}, timeout=300)  # fmt: skip
-    assert r.status_code == 400 and "foreground" in r.json()["detail"]
+        return np.asarray(_load(r.content).dataobj) if output == "image" else r.json()
+
+    first = click({"foreground": [fg], "background": [bg], "label": "hippocampus anterior", "return_guide": "none"})
+    assert first.dtype == np.uint8 and set(np.unique(first)) <= {0, 1}
+    assert first[tuple(fg)] == 1 and first[tuple(bg)] == 0  # the clicks' voxels went the clicked way
+    # a background click on the same voxel removes it; the bundle's own name "anterior" is accepted too
+    second = click({"foreground": [], "background": [fg], "label": "anterior"})
+    assert second[tuple(fg)] == 0
+    # without label: the full label map; the foreground click's voxel gets a foreground class
+    full = click({"foreground": [fg], "background": []})
+    assert full[tuple(fg)] in (1, 2) and set(np.unique(full)) <= {0, 1, 2}
+    # the image's tokens were computed once: more clicks on the same image cost no ViT pass
+    a = click({"foreground": [fg], "background": []}, output="json")
+    b = click({"foreground": [fg, bg], "background": []}, output="json")
+    assert a["clicks"]["vit_passes"] == b["clicks"]["vit_passes"] >= 1
 
 
 def test_mirror_uncertainty_strategy(server):
@@ -270,3 +304,133 @@ def test_mirror_uncertainty_strategy(server):
     assert 0.0 <= res["score"] <= 1.0
     info = requests.get(server.url + "/datastore/image/info", params={"image": res["id"]}, timeout=30).json()
     assert info["mirror_uncertainty"]["score"] == res["score"]
+
+
+def _upload(arr: np.ndarray, name: str = "x.nii.gz", affine=None):
+    import nibabel as nib
+
+    return {"file": (name, _save(nib.Nifti1Image(arr, np.eye(4) if affine is None else affine)))}
+
+
+@pytest.mark.parametrize(
+    "model, params, needle",
+    [
+        ("no_such_model", {}, "unknown model"),
+        (HIPPO, {"mirror_axes": [5]}, "mirror_axes"),
+        (HIPPO, {"mirror_axes": "0,x"}, "mirror_axes"),
+        (HIPPO, {"return_guide": "maybe"}, "return_guide"),
+        (INTERACTIVE, {"foreground": [["a", "b", "c"]]}, "foreground"),
+        (INTERACTIVE, {"foreground": "16,20,16"}, "foreground"),
+        (INTERACTIVE, {"background": [[1, 2]]}, "background"),
+        (INTERACTIVE, {"foreground": [[16, 20, 16]], "label": "Segment_1"}, "Segment_1"),
+    ],
+)
+def test_bad_infer_parameters_get_400_with_reason(server, model, params, needle):
+    import requests
+
+    ids = sorted(requests.get(server.url + "/datastore/", params={"output": "all"}, timeout=30).json()["objects"])
+    r = requests.post(server.url + f"/infer/{model}", params={"image": ids[0], "output": "json"},
+                      data={"params": json.dumps(params)}, timeout=120)  # fmt: skip
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+    assert needle in r.json()["detail"], r.json()
+
+
+def test_wrong_dimension_images_get_400(server):
+    import requests
+
+    r = requests.post(server.url + f"/infer/{HIPPO}", params={"output": "json"},
+                      files=_upload(np.zeros((40, 30), np.float32)), timeout=120)  # fmt: skip
+    assert r.status_code == 400 and "2D" in r.json()["detail"] and "3D" in r.json()["detail"], r.text
+    r = requests.post(server.url + f"/infer/{FETAL}", params={"output": "json"},
+                      files=_upload(np.zeros((20, 30, 24), np.float32)), timeout=120)  # fmt: skip
+    assert r.status_code == 400 and "3D" in r.json()["detail"] and "2D" in r.json()["detail"], r.text
+
+
+def test_absolute_path_image_refused(server):
+    """``image=<server path>`` would segment any NIfTI on the server's disk: only datastore ids (or uploads)."""
+    import requests
+
+    some_file = str(server.studies / "hippocampus_000.nii.gz")  # exists, readable, but not an id
+    r = requests.post(server.url + f"/infer/{HIPPO}", params={"image": some_file, "output": "json"}, timeout=60)
+    assert r.status_code == 400 and "datastore image id" in r.json()["detail"], r.text
+
+
+def test_clicks_outside_the_image_are_reported(server):
+    import nibabel as nib
+    import requests
+
+    image_id = "hippocampus_000"
+    shape = nib.load(server.studies / f"{image_id}.nii.gz").shape
+    outside = [shape[0] + 10, 2, 2]
+    params = {"foreground": [[shape[0] // 2, shape[1] // 2, shape[2] // 2], outside], "background": [[-5, 0, 0]]}
+    r = requests.post(server.url + f"/infer/{INTERACTIVE}", params={"image": image_id, "output": "json"},
+                      data={"params": json.dumps(params)}, timeout=300)  # fmt: skip
+    assert r.status_code == 200, r.text
+    clicks = r.json()["clicks"]
+    assert clicks["foreground"] == 1 and clicks["background"] == 0
+    assert sorted(tuple(o["point"]) for o in clicks["outside"]) == sorted(
+        [tuple(map(float, outside)), (-5.0, 0.0, 0.0)]
+    )
+
+
+def test_info_answers_while_inference_runs(server):
+    """One /infer must not block the server: /info/ and the datastore answer while it runs."""
+    import requests
+
+    arr = (np.random.default_rng(3).random((96, 96, 64)) * 100).astype(np.float32)
+    done = {}
+
+    def infer() -> None:
+        r = requests.post(server.url + f"/infer/{HIPPO}", params={"output": "json"}, files=_upload(arr),
+                          data={"params": json.dumps({"mirror_axes": "0,1,2"})}, timeout=600)  # fmt: skip
+        done["t"], done["status"] = time.time(), r.status_code
+
+    thread = threading.Thread(target=infer)
+    thread.start()
+    time.sleep(1.5)  # the upload is in and inference has started
+    t0 = time.time()
+    info = requests.get(server.url + "/info/", timeout=60)
+    ds = requests.get(server.url + "/datastore/", timeout=60)
+    answered = time.time()
+    thread.join()
+    assert info.status_code == 200 and ds.status_code == 200 and done["status"] == 200
+    assert answered < done["t"], "the inference finished before /info/ was asked: make it longer"
+    assert answered - t0 < 5.0, f"/info/ and /datastore/ took {answered - t0:.1f} s behind a running inference"
+
+
+def test_mirror_uncertainty_with_a_2d_image_in_the_datastore(server):
+    import requests
+
+    arr = (np.random.default_rng(4).random((60, 50)) * 255).astype(np.float32)
+    r = requests.put(server.url + "/datastore/image", params={"image": "us_2d"}, files=_upload(arr, "us_2d.nii.gz"),
+                     timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    r = requests.post(server.url + "/activelearning/mirror_uncertainty", json={"max_candidates": 8}, timeout=600)
+    assert r.status_code == 200, r.text
+    assert r.json().get("id") != "us_2d"  # the 3D model scores only 3D images
+    r = requests.post(server.url + "/activelearning/mirror_uncertainty", json={"model": FETAL}, timeout=600)
+    assert r.status_code == 200 and r.json()["id"] == "us_2d", r.text
+
+
+def test_final_label_with_unknown_values_refused_unless_guide_is_named(server):
+    """The guide segment (value 3 for the hippocampus model) must never reach training as a class."""
+    import nibabel as nib
+    import requests
+
+    image_id = "hippocampus_000"
+    img = nib.load(server.studies / f"{image_id}.nii.gz")
+    truth = np.asarray(nib.load(server.root / "demo" / "labelsTr" / f"{image_id}.nii.gz").dataobj).astype(np.uint8)
+    label = truth.copy()
+    label[0, 0, 0] = 3
+    payload = _save(nib.Nifti1Image(label, img.affine))
+    r = requests.put(server.url + "/datastore/label", params={"image": image_id, "tag": "final"},
+                     files={"label": (f"{image_id}.nii.gz", payload)}, timeout=60)  # fmt: skip
+    assert r.status_code == 400 and "[3]" in r.json()["detail"] and "guide" in r.json()["detail"], r.text
+    info = {"label_info": [{"name": "hippocampus anterior", "idx": 1}, {"name": "hippocampus posterior", "idx": 2},
+                           {"name": "guide", "idx": 3}], "model": HIPPO}  # fmt: skip
+    r = requests.put(server.url + "/datastore/label", params={"image": image_id, "tag": "final"},
+                     data={"params": json.dumps(info)}, files={"label": (f"{image_id}.nii.gz", payload)},
+                     timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    stored = np.asarray(nib.load(server.studies / "labels" / "final" / f"{image_id}.nii.gz").dataobj)
+    assert np.array_equal(stored, truth)

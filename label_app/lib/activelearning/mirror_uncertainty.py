@@ -22,6 +22,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from ..datastore import image_dimension
 from ..scoring.dice import label_dice
 
 __all__ = ["MirrorUncertainty", "mirror_disagreement"]
@@ -44,7 +45,8 @@ class MirrorUncertainty(Strategy):
     unsure of. For each candidate the model runs once plain and once per mirrored axis; the score is
     :func:`mirror_disagreement`. Scores are cached in the image info (``mirror_uncertainty``) with the weights'
     mtime, so an image is scored again only after training swapped in new weights. At most ``max_candidates``
-    unscored images (random ones) are scored per request, which keeps the request short on large studies.
+    unscored images (random ones) are scored per request, which keeps the request short on large studies. Images
+    whose dimension differs from the model's (2D images in a datastore served by a 3D model) are skipped.
 
     Args:
         infer_tasks: model name -> inference task; the request's ``"model"`` picks one.
@@ -63,6 +65,11 @@ class MirrorUncertainty(Strategy):
         self.axes = axes
         self.max_candidates = max_candidates
 
+    def info(self) -> dict[str, Any]:
+        """Description and a ``config`` 3D Slicer can show and send back (model choice first = default)."""
+        models = [self.default_model] + sorted(m for m in self.tasks if m != self.default_model)
+        return {"description": self.description, "config": {"model": models, "max_candidates": self.max_candidates}}
+
     def predictions(self, task: Any, image_uri: str) -> list[np.ndarray]:
         axes = self.axes if self.axes is not None else list(range(int(task.dimension)))
         out = []
@@ -77,9 +84,18 @@ class MirrorUncertainty(Strategy):
         if not images:
             return None
         model = request.get("model") or self.default_model
+        model = model[0] if isinstance(model, list) and model else model
         task = self.tasks.get(model)
         if task is None:
             raise ValueError(f"unknown model {model!r} for mirror_uncertainty; available: {sorted(self.tasks)}")
+        dim = int(task.dimension)
+        fitting = [i for i in images if image_dimension(datastore.get_image_uri(i)) in (dim, None)]
+        if not fitting:
+            logger.info("mirror uncertainty: no unlabelled %dD image for %s among %d", dim, model, len(images))
+            return None
+        if len(fitting) < len(images):
+            logger.info("mirror uncertainty: %d images of another dimension skipped", len(images) - len(fitting))
+        images = fitting
         path = task.get_path()
         model_ts = os.stat(path).st_mtime if path and os.path.exists(path) else 0
         scores: dict[str, float] = {}

@@ -22,24 +22,36 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monailabel.tasks.infer.bundle import BundleInferTask
-from monailabel.utils.others.generic import strtobool
 
 from guidino_monai.inferers import GuidedSlidingWindowInferer
 
+from ..params import GUIDE_SEGMENT, LABEL_COLORS, LABEL_NAMES, axes_choices, parse_mirror_axes, parse_return_guide
 from ..transforms import wrap_spacing
 
-__all__ = ["GuidedBundleInferTask", "wants_guide"]
+__all__ = ["GuidedBundleInferTask", "guide_mode", "wants_guide", "add_guide_segment"]
 
 logger = logging.getLogger(__name__)
 
 
+def guide_mode(data: dict[str, Any] | None) -> str:
+    """The request's ``return_guide`` mode (:data:`lib.params.GUIDE_MODES`)."""
+    return parse_return_guide((data or {}).get("return_guide"))
+
+
 def wants_guide(data: dict[str, Any] | None) -> bool:
-    """Whether the request asks for the guide mask: ``"return_guide"`` is ``true`` (stored in the datastore as label
-    tag ``guide``) or ``"image"`` (returned as the response image instead of the label)."""
-    value = (data or {}).get("return_guide", False)
-    if value == "image":
-        return True
-    return bool(strtobool(str(value))) if isinstance(value, (str, bool)) else bool(value)
+    """Whether the request needs the guide mask computed (any ``return_guide`` mode but ``none``)."""
+    return guide_mode(data) != "none"
+
+
+def add_guide_segment(pred: Any, guide: Any, value: int, threshold: float = 0.5) -> Any:
+    """Label ``value`` where the guide is ``>= threshold`` and ``pred`` is background (a label map holds one value per
+    voxel, so the guide segment shows where the guide points and the network found nothing)."""
+    g = guide.detach().cpu() if isinstance(guide, torch.Tensor) else torch.as_tensor(np.asarray(guide))
+    p = pred if isinstance(pred, torch.Tensor) else torch.as_tensor(np.asarray(pred))
+    g = g.reshape(p.shape) if g.numel() == p.numel() else g
+    out = p.clone()
+    out[(g.to(out.device) >= threshold) & (p == 0)] = value
+    return out
 
 
 class GuidedBundleInferTask(BundleInferTask):
@@ -48,16 +60,54 @@ class GuidedBundleInferTask(BundleInferTask):
     Differences from :class:`~monailabel.tasks.infer.bundle.BundleInferTask`:
 
     - ``Spacingd`` runs through :class:`~lib.transforms.HideNonDictMetad` (monai 1.6.1 ``image_path`` bug);
-    - request ``{"return_guide": true}`` also writes the guide mask (float32 in ``[0, 1]``, the input's geometry);
-      its file is
-      reported under ``result_json["guide_file"]`` for the app to store or return;
-    - request ``{"mirror_axes": [0, 1]}`` turns on mirror test-time augmentation.
+    - labels carry display names (``hippocampus anterior``, ...; :data:`lib.params.LABEL_NAMES`) and colours
+      (``label_colors`` in ``/info/``); labels come back as uint8;
+    - ``return_guide`` (:data:`lib.params.GUIDE_MODES`): ``segment`` adds a ``guide`` label to the returned label map
+      (listed in ``label_names``, so 3D Slicer shows it as one more segment); ``datastore`` stores the float guide
+      (``[0, 1]``, the input's geometry) as label tag ``guide``; ``image`` returns the float guide instead of the
+      label map. The guide file is reported under ``result_json["guide_file"]`` for the app to store or return;
+    - ``mirror_axes`` (``"none"``, ``"0,1"`` or ``[0, 1]``) turns on mirror test-time augmentation.
+
+    ``config`` in ``/info/`` holds only what 3D Slicer's options table can show and send back: non-empty lists of
+    strings (first item = default) and scalars.
     """
+
+    guide_modes: tuple[str, ...] = ("segment", "none", "datastore", "image")
 
     def __init__(self, path: str, conf: dict[str, str], **kwargs: Any) -> None:
         super().__init__(path, conf, **kwargs)
         if self.valid:
-            self._config.update({"return_guide": False, "mirror_axes": []})
+            self.bundle_labels = dict(self.labels or {})
+            self.labels = {LABEL_NAMES.get(k, k): v for k, v in self.bundle_labels.items()}
+            self._config.update({"return_guide": list(self.guide_modes), "mirror_axes": axes_choices(self.dimension)})
+        self.weights_info: dict[str, Any] = {}
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["label_colors"] = {k: LABEL_COLORS.get(k, [128, 128, 128]) for k in (self.labels or {})}
+        info["label_colors"][GUIDE_SEGMENT] = LABEL_COLORS[GUIDE_SEGMENT]
+        info.update(self.weights_info)
+        return info
+
+    def check_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Normalise ``return_guide`` and ``mirror_axes`` of ``request`` in place (400 on bad values)."""
+        request["return_guide"] = parse_return_guide(request.get("return_guide", self.guide_modes[0]),
+                                                      self.guide_modes)  # fmt: skip
+        request["mirror_axes"] = list(parse_mirror_axes(request.get("mirror_axes"), self.dimension))
+        return request
+
+    def __call__(self, request: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        result = super().__call__(request, *args, **kwargs)
+        if (
+            isinstance(result, tuple)
+            and len(result) == 2
+            and isinstance(result[1], dict)
+            and not request.get("skip_writer")
+        ):
+            names = result[1].pop("_label_names", None)
+            if names is not None:
+                result[1]["label_names"] = names
+        return result
 
     def pre_transforms(self, data: dict[str, Any] | None = None) -> list:
         return wrap_spacing(list(super().pre_transforms(data)))
@@ -65,9 +115,8 @@ class GuidedBundleInferTask(BundleInferTask):
     def inferer(self, data: dict[str, Any] | None = None) -> Any:
         inferer = super().inferer(data)
         if isinstance(inferer, GuidedSlidingWindowInferer):
-            inferer.return_guide = wants_guide(data)
-            axes = (data or {}).get("mirror_axes") or []
-            inferer.mirror_axes = tuple(int(a) for a in axes)
+            inferer.return_guide = wants_guide(data) and not (data or {}).get("skip_writer")
+            inferer.mirror_axes = parse_mirror_axes((data or {}).get("mirror_axes"), self.dimension)
         flip = (data or {}).get("flip_axes") or []
         return FlippedInferer(inferer, flip) if flip else inferer
 
@@ -92,6 +141,17 @@ class GuidedBundleInferTask(BundleInferTask):
         return data
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
+        mode = guide_mode(data)
+        guide = data.get("guide")
+        label_names = dict(self.labels or {})
+        if data.get(self.output_label_key) is not None and not data.get("skip_writer"):
+            pred = data[self.output_label_key]
+            if mode == "segment" and guide is not None:
+                value = max(label_names.values(), default=0) + 1
+                pred = add_guide_segment(pred, guide, value)
+                label_names[GUIDE_SEGMENT] = value
+            data[self.output_label_key] = pred.to(torch.uint8) if isinstance(pred, torch.Tensor) else pred
+        dtype = np.uint8 if dtype is None else dtype
         pred = data.get(self.output_label_key)
         if self.dimension == 2 and isinstance(pred, torch.Tensor) and not data.get("skip_writer"):
             # MONAI Label's Writer writes 2D labels through ITK without their affine (spacing lost): write it here
@@ -99,8 +159,9 @@ class GuidedBundleInferTask(BundleInferTask):
             result_json = dict(data.get(self.output_json_key) or {})
         else:
             result_file, result_json = super().writer(data, extension, dtype)
-        guide = data.get("guide")
-        if wants_guide(data) and isinstance(guide, torch.Tensor):
+        result_json = dict(result_json or {})
+        result_json["_label_names"] = label_names  # BasicInferTask.__call__ overwrites "label_names" afterwards
+        if mode in ("datastore", "image") and isinstance(guide, torch.Tensor):
             result_json["guide_file"] = save_like_pred(guide, data, suffix="_guide.nii.gz")
         return result_file, result_json
 

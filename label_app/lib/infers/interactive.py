@@ -14,21 +14,23 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
-from fastapi import HTTPException
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from guidino_monai.interactive import ClickRefiner, world_points_to_grid
+from guidino_monai.interactive import ClickRefiner, ClickSessions, apply_clicks, world_points_to_grid
 
-from .guided_bundle import GuidedBundleInferTask, wants_guide
+from ..params import bad_request, label_index, parse_points, parse_return_guide
+from .guided_bundle import GuidedBundleInferTask, guide_mode
 
-__all__ = ["GuidedInteractiveInferTask"]
+__all__ = ["GuidedInteractiveInferTask", "PROTOTYPE_MODES"]
+
+#: ``click_prototypes``: ``auto`` uses the clicked tokens as TokenBook prototypes only when the guide ViT has
+#: foundation-model weights (random-init tokens carry no meaning: prototypes from them move the whole guide at random)
+PROTOTYPE_MODES = ("auto", "on", "off")
 
 logger = logging.getLogger(__name__)
 
@@ -36,74 +38,116 @@ logger = logging.getLogger(__name__)
 class GuidedInteractiveInferTask(GuidedBundleInferTask):
     """Click refinement on top of a GuiDINO bundle.
 
-    Request parameters (MONAI Label's DeepGrow format): ``foreground`` and ``background``, lists of ``[x, y, z]``
-    voxel indices of the input image, and optionally ``label`` (a label name or id): then the result holds only that
-    label (as ``1``), as DeepGrow clients expect; without it the full label map is returned.
+    Request parameters (MONAI Label's DeepGrow format, as 3D Slicer sends them): ``foreground`` and ``background``,
+    lists of ``[x, y, z]`` voxel indices of the input image, and ``label`` (the Slicer segment name: a label name or
+    id): then the result holds only that label (as ``1``), as DeepGrow clients expect; without it the full label map
+    is returned. An unknown label (e.g. Slicer's default ``Segment_1``) is a 400 naming the known ones; clicks outside
+    the image are ignored and listed under ``clicks.outside`` in the response.
 
-    The clicked voxels' DINO tokens become extra positive/negative prototypes of the TokenBook for this image, the guide
-    is recomputed and the segmentation re-run (:class:`guidino_monai.interactive.ClickRefiner`). A session per image
-    (the last ``max_sessions`` images, keyed by image path and weights mtime) keeps the preprocessed image and its
-    token maps, so after the first request each click costs one TokenBook + backbone pass and no ViT pass.
+    Two corrections, both without retraining:
+
+    1. the clicked voxels' DINO tokens become extra positive/negative prototypes of the TokenBook for this image, the
+       guide is recomputed and the segmentation re-run (:class:`guidino_monai.interactive.ClickRefiner`); with
+       ``click_prototypes: auto`` (the default) only when the guide ViT has foundation-model weights, ``on``/``off``
+       force it;
+    2. each click's region (connected voxels of similar intensity within ``click_radius`` mm,
+       :func:`guidino_monai.interactive.apply_clicks`) is forced to the click's class: a foreground click always adds
+       its region, a background click removes it, whatever the guide ViT's weights.
+
+    Sessions (:class:`guidino_monai.interactive.ClickSessions`) keep the last ``max_sessions`` images' preprocessed
+    tensors and token maps, keyed by image path, weights mtime and image content, so after the first request each
+    click costs one TokenBook + backbone pass and no ViT pass, and a re-uploaded image never reuses stale tokens.
+    ``--conf click_radius <mm>`` and ``--conf click_tolerance <std>`` tune step 2 (defaults 4 and 1).
     """
+
+    guide_modes = ("none", "datastore", "image")
 
     def __init__(self, path: str, conf: dict[str, str], max_sessions: int = 4, **kwargs: Any) -> None:
         super().__init__(path, conf, type=InferType.DEEPGROW, **kwargs)
-        self.description = "GuiDINO click refinement: clicks become TokenBook prototypes (no retraining)"
-        self.max_sessions = max_sessions
-        self._sessions: OrderedDict[tuple, ClickRefiner] = OrderedDict()
-        self._lock = threading.Lock()
+        self.description = "GuiDINO click refinement: clicks become TokenBook prototypes and intensity regions"
+        self._config.pop("mirror_axes", None)  # no test-time mirroring for clicks
+        default = str((conf or {}).get("click_prototypes", "auto")).lower()
+        if default not in PROTOTYPE_MODES:
+            raise ValueError(f"--conf click_prototypes must be one of {PROTOTYPE_MODES}, got {default!r}")
+        self._config["click_prototypes"] = [default] + [m for m in PROTOTYPE_MODES if m != default]
+        self.click_radius = float((conf or {}).get("click_radius", 4.0))
+        self.click_tolerance = float((conf or {}).get("click_tolerance", 1.0))
+        self.sessions = ClickSessions(self._make_refiner, max_sessions=max_sessions)
         self.stats = {"vit_passes": 0, "refinements": 0}
+        self._data: dict[str, Any] = {}
 
     def is_valid(self) -> bool:
         return self.valid
 
-    def _refiner(self, data: dict[str, Any], network: torch.nn.Module) -> ClickRefiner:
-        image = data[self.input_key]
-        path = self.get_path()
-        key = (str(data.get("image_path")), os.stat(path).st_mtime if path else 0, tuple(image.shape))
-        with self._lock:
-            refiner = self._sessions.get(key)
-            if refiner is not None and refiner.network is network:
-                self._sessions.move_to_end(key)
-                return refiner
-            inferer = super().inferer(data)
-            refiner = ClickRefiner(network, getattr(inferer, "roi_size", None), **getattr(inferer, "sw_kwargs", {}))
-            refiner.set_image(image[None])
-            self.stats["vit_passes"] += 1
-            self._sessions[key] = refiner
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
-            return refiner
+    def check_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Check ``return_guide``, ``label`` and the click lists (400 naming the bad one)."""
+        request["return_guide"] = parse_return_guide(request.get("return_guide", "none"), self.guide_modes)
+        request.pop("mirror_axes", None)
+        mode = request.get("click_prototypes", "auto")
+        mode = mode[0] if isinstance(mode, list) and mode else mode
+        if str(mode).lower() not in PROTOTYPE_MODES:
+            raise bad_request(f"click_prototypes: {mode!r} is not one of {list(PROTOTYPE_MODES)}")
+        request["click_prototypes"] = str(mode).lower()
+        label_index(request.get("label"), self.labels or {})
+        for name in ("foreground", "background"):
+            request[name] = parse_points(request.get(name), name, self.dimension)
+        return request
 
-    def _points(self, data: dict[str, Any], name: str) -> list[list[float]]:
-        points = data.get(name) or []
-        if not isinstance(points, (list, tuple)) or any(
-            not isinstance(p, (list, tuple)) or len(p) < self.dimension for p in points
-        ):
-            raise HTTPException(
-                status_code=400,
-                detail=f"{name!r} must be a list of [x, y{', z' if self.dimension == 3 else ''}] points.",
-            )
-        points = [[float(v) for v in p[: self.dimension]] for p in points]
+    def _make_refiner(self, network: torch.nn.Module) -> ClickRefiner:
+        inferer = GuidedBundleInferTask.inferer(self, self._data)
+        return ClickRefiner(network, getattr(inferer, "roi_size", None), **getattr(inferer, "sw_kwargs", {}))
+
+    def _grid_points(self, data: dict[str, Any], name: str, outside: list) -> list[list[float]]:
+        """Clicks (file voxel indices) -> preprocessed grid; clicks outside the image go to ``outside``."""
+        points = parse_points(data.get(name), name, self.dimension)
         image = data[self.input_key]
         meta = image.meta if isinstance(image, MetaTensor) else {}
+        original_shape = meta.get("spatial_shape")
+        if original_shape is not None:
+            original_shape = [int(v) for v in np.asarray(original_shape).ravel()[: self.dimension]]
+        grid_shape = list(image.shape[1:])
+        inside = []
+        for p in points:
+            limit = original_shape or grid_shape
+            if any(v < -0.5 or v > s - 0.5 for v, s in zip(p, limit)):
+                outside.append({"point": p, "kind": name, "image_shape": limit})
+            else:
+                inside.append(p)
         original = meta.get("original_affine")
-        if original is not None and isinstance(image, MetaTensor):  # file voxel indices -> preprocessed grid
-            points = world_points_to_grid(points, np.asarray(original), np.asarray(image.affine))
-        return points
+        if original is not None and isinstance(image, MetaTensor) and inside:
+            inside = world_points_to_grid(inside, np.asarray(original), np.asarray(image.affine))
+        return [[min(max(v, 0.0), s - 1.0) for v, s in zip(p, grid_shape)] for p in inside]
 
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict:
         network = self._get_network(device, data)
-        refiner = self._refiner(data, network)
-        fg, bg = self._points(data, "foreground"), self._points(data, "background")
-        logits, guide = refiner.predict(fg, bg)
-        self.stats["refinements"] += 1
         image = data[self.input_key]
-        pred = MetaTensor(logits[0])
+        path = self.get_path()
+        key = (str(data.get("image_path")), os.stat(path).st_mtime if path else 0)
+        self._data = data
+        refiner = self.sessions.get(key, image[None], network)
+        self.stats["vit_passes"] = self.sessions.vit_passes
+        outside: list[dict[str, Any]] = []
+        fg, bg = self._grid_points(data, "foreground", outside), self._grid_points(data, "background", outside)
+        mode = data.get("click_prototypes", "auto")
+        mode = mode[0] if isinstance(mode, list) and mode else mode
+        prototypes = mode == "on" or (mode == "auto" and bool(getattr(refiner.branch, "pretrained", False)))
+        logits, guide = refiner.predict(fg, bg) if prototypes else refiner.predict()
+        idx = label_index(data.get("label"), self.labels or {})
+        probs = torch.softmax(logits[0].float(), dim=0).cpu().numpy()
+        intensities = image[0].detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)[0]
+        spacing = None
+        if isinstance(image, MetaTensor):
+            spacing = [float(v) for v in image.pixdim[: self.dimension]]
+        probs = apply_clicks(probs, intensities, fg, bg, label=idx, radius=self.click_radius,
+                             tolerance=self.click_tolerance, spacing=spacing)  # fmt: skip
+        self.stats["refinements"] += 1
+        pred = MetaTensor(torch.log(torch.from_numpy(probs).clamp_min(1e-6)))
         if isinstance(image, MetaTensor):
             pred.copy_meta_from(image)
         data[self.output_label_key] = pred
-        if wants_guide(data):
+        data["clicks_report"] = {"foreground": len(fg), "background": len(bg), "outside": outside,
+                                 "vit_passes": self.sessions.vit_passes}  # fmt: skip
+        if guide_mode(data) != "none":
             g = MetaTensor(guide[0])
             if isinstance(image, MetaTensor):
                 g.copy_meta_from(image)
@@ -111,17 +155,17 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         return data
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
-        label = data.get("label")
-        if label not in (None, "", []) and isinstance(self.labels, dict):
-            idx = self.labels.get(str(label).lower(), None) if not str(label).isdigit() else int(label)
-            if idx is None:
-                raise HTTPException(status_code=400, detail=f"unknown label {label!r}; known: {self.labels}")
+        idx = label_index(data.get("label"), self.labels or {})
+        names = None
+        if idx is not None and data.get(self.output_label_key) is not None:
             pred = data[self.output_label_key]
             mask = pred == idx
             data[self.output_label_key] = (
                 mask.astype(np.uint8) if isinstance(mask, np.ndarray) else mask.to(torch.uint8)
             )
+            names = {next(k for k, v in self.labels.items() if v == idx): 1}
         result_file, result_json = super().writer(data, extension, dtype)
-        result_json["clicks"] = {"foreground": len(data.get("foreground") or []),
-                                 "background": len(data.get("background") or [])}  # fmt: skip
+        if names is not None:
+            result_json["_label_names"] = names
+        result_json["clicks"] = data.get("clicks_report", {})
         return result_file, result_json

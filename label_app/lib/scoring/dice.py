@@ -20,6 +20,8 @@ from monai.transforms import LoadImage
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
+from ..datastore import image_dimension
+
 __all__ = ["GuidedDice", "label_dice"]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,12 @@ class GuidedDice(ScoringMethod):
         super().__init__("Dice of submitted labels against the model's prediction")
         self.infers = infers if infers is not None else {}
 
+    def info(self) -> dict[str, Any]:
+        """Description and a ``config`` 3D Slicer can show and send back (the model to run where no ``original``
+        label is stored; first = default)."""
+        return {"description": self.description, "config": {"model": list(self.infers)}} if self.infers else {
+            "description": self.description}  # fmt: skip
+
     def predict(self, model: str, image_uri: str) -> np.ndarray:
         task = self.infers.get(model)
         if task is None:
@@ -73,6 +81,7 @@ class GuidedDice(ScoringMethod):
         tag_y = request.get("y", DefaultLabelTag.FINAL.value)
         tag_pred = request.get("y_pred", DefaultLabelTag.ORIGINAL.value)
         model = request.get("model")
+        model = model[0] if isinstance(model, list) and model else model
         result: dict[str, float] = {}
         for image_id in datastore.list_images():
             y_id = datastore.get_label_by_image_id(image_id, tag_y)
@@ -83,7 +92,11 @@ class GuidedDice(ScoringMethod):
             if pred_id:
                 y_pred = np.asarray(loader(datastore.get_label_uri(pred_id, tag_pred)))
             elif model:
-                y_pred = self.predict(model, datastore.get_image_uri(image_id))
+                uri = datastore.get_image_uri(image_id)
+                task = self.infers.get(model)
+                if task is not None and image_dimension(uri) not in (int(task.dimension), None):
+                    continue  # a 2D image is not scored with a 3D model (nor 3D with 2D)
+                y_pred = self.predict(model, uri)
             else:
                 continue
             dice = label_dice(y, y_pred)

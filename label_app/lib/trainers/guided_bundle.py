@@ -30,7 +30,7 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 
 from guidino_monai.utils import atomic_write
 
-from ..bundles import atomic_torch_save, load_weights
+from ..bundles import atomic_torch_save, load_weights, read_provenance, write_provenance
 
 __all__ = ["GuidedBundleTrainTask", "split_labels"]
 
@@ -63,7 +63,10 @@ class GuidedBundleTrainTask(BundleTrainTask):
        their Dice is not lower. Inference keeps using the old file until the rename, and reloads on its new mtime.
 
     A run killed at any point leaves ``models/model.pt`` as it was. The outcome of each run is appended to
-    ``models/train_history.json`` and shown as ``train_stats`` in ``/info/``.
+    ``models/train_history.json``; while a run goes, ``models/train_progress.json`` is rewritten after every epoch.
+    ``train_stats`` in ``/info/`` carries the fields 3D Slicer's progress and accuracy bars read: ``epoch``,
+    ``total_epochs``, ``best_metric`` (validation Dice of the served weights once the run ended, the run's best so
+    far while it goes) and ``total_time`` (set only once the run ended: Slicer shows a running run while it is absent).
     """
 
     def __init__(self, path: str, conf: dict[str, str], **kwargs: Any) -> None:
@@ -82,12 +85,51 @@ class GuidedBundleTrainTask(BundleTrainTask):
     def history_file(self) -> Path:
         return Path(self.bundle_path) / "models" / "train_history.json"
 
+    @property
+    def progress_file(self) -> Path:
+        return Path(self.bundle_path) / "models" / "train_progress.json"
+
     def stats(self) -> dict[str, Any]:
         try:
             history = json.loads(self.history_file.read_text())
         except (OSError, ValueError):
+            history = []
+        try:
+            progress = json.loads(self.progress_file.read_text())
+        except (OSError, ValueError):
+            progress = {}
+        last = dict(history[-1]) if history else {}
+        if progress and progress.get("start_ts", 0) > last.get("end_ts", 0):
+            return progress  # a run is going (or was killed): no total_time
+        if not last:
             return {}
-        return history[-1] if history else {}
+        last.setdefault("epoch", last.get("epochs", 0))
+        last.setdefault("total_epochs", last.get("epochs", 0))
+        served = last.get("val_dice_after") if last.get("swapped") else last.get("val_dice_before")
+        last.setdefault("best_metric", float(served or 0.0))
+        last.setdefault("total_time", float(last.get("seconds", 0.0)) or 0.1)
+        return last
+
+    def _write_progress(self, info: dict[str, Any]) -> None:
+        atomic_write(self.progress_file, lambda tmp: Path(tmp).write_text(json.dumps(info)))
+
+    def _attach_progress(self, wf: ConfigWorkflow, start_ts: float, total_epochs: int, model: Any) -> None:
+        """Rewrite ``train_progress.json`` after each epoch (epoch, total_epochs, best validation Dice so far)."""
+        from ignite.engine import Events
+
+        trainer = wf.parser.get_parsed_content("train#trainer")
+        try:
+            evaluator = wf.parser.get_parsed_content("validate#evaluator")
+        except Exception:  # a bundle without validation
+            evaluator = None
+
+        def update(engine: Any) -> None:
+            best = getattr(getattr(evaluator, "state", None), "best_metric", -1) if evaluator is not None else -1
+            self._write_progress({"model": model, "epoch": int(engine.state.epoch),
+                                  "total_epochs": total_epochs, "best_metric": float(max(best, 0.0)),
+                                  "start_ts": start_ts})  # fmt: skip
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, update)
 
     def _workflow(self, run_dir: Path, train: list, val: list, request: dict[str, Any]) -> ConfigWorkflow:
         device = request.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -148,6 +190,10 @@ class GuidedBundleTrainTask(BundleTrainTask):
         run_dir.mkdir(parents=True, exist_ok=True)
         logger.info("training %s on %d cases, validating on %d, in %s", self.bundle_path, len(train), len(val), run_dir)
         wf = self._workflow(run_dir, train, val, request)
+        total_epochs = int(request.get("max_epochs", 5))
+        self._write_progress({"model": request.get("model"), "epoch": 0,
+                              "total_epochs": total_epochs, "best_metric": 0.0, "start_ts": start})  # fmt: skip
+        self._attach_progress(wf, start, total_epochs, request.get("model"))
         net = wf.parser.get_parsed_content("network")  # the trainer's network (the parser caches it)
         init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         before = self._val_dice(wf, self.served)
@@ -164,7 +210,15 @@ class GuidedBundleTrainTask(BundleTrainTask):
         swapped = after >= before
         if swapped:
             # the inference task reloads on the new mtime
+            base = read_provenance(self.bundle_path)
             atomic_write(self.served, lambda tmp: shutil.copyfile(candidate, tmp))
+            provenance = {
+                "source": "app training",
+                "run_dir": str(run_dir),
+                "base_source": base.get("source", "random"),
+                "base_sha256": base.get("base_sha256", base.get("sha256")),
+            }
+            write_provenance(self.bundle_path, provenance)
         result = {
             "model": request.get("model"),
             "train_cases": len(train),
@@ -172,10 +226,15 @@ class GuidedBundleTrainTask(BundleTrainTask):
             "val_dice_before": before,
             "val_dice_after": after,
             "swapped": swapped,
-            "epochs": int(request.get("max_epochs", 5)),
+            "epochs": total_epochs,
+            "epoch": total_epochs,
+            "total_epochs": total_epochs,
+            "best_metric": float(after if swapped else before),
             "run_dir": str(run_dir),
             "seconds": round(time.time() - start, 1),
-            "end_ts": int(time.time()),
+            "total_time": round(time.time() - start, 1),
+            "start_ts": start,
+            "end_ts": time.time(),
         }
         logger.info("training result: %s", result)
         history = []
