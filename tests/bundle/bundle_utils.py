@@ -35,7 +35,8 @@ FAST = {
         "num_demo_cases": 6,
     },
     FETAL: {
-        "epochs": 1,
+        "epochs": 4,  # 2 steps per epoch: one epoch can leave an all-head (constant) map, which proves nothing
+        "learning_rate": 0.01,
         "roi_size": [64, 64],
         "batch_size": 4,
         "num_workers": 0,
