@@ -112,7 +112,9 @@ def test_slicer_session_end_to_end(server):
     status = client.train_start(HIPPO, train_params)
     assert status.get("status") in ("SUBMITTED", "RUNNING"), status
     t0 = time.time()
-    while client.train_status(check_if_running=True) and time.time() - t0 < 900:  # minutes on a loaded 2-core CI
+    # a task is SUBMITTED before it runs (check_if_running answers 404 then): wait on the full status
+    while client.train_status().get("status") in ("SUBMITTED", "RUNNING") and time.time() - t0 < 900:
+        client.train_status(check_if_running=True)  # monitorTraining's own poll: must answer, running or not
         client.progress(client.info())  # monitorTraining: must not raise while a run goes
         time.sleep(2)
     final = client.train_status()
