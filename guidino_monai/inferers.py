@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -203,10 +204,7 @@ class GuidedSlidingWindowInferer(SlidingWindowInferer):
 
     def _sliding_window(self, x: torch.Tensor, predictor: Any, with_coord: bool, *args: Any, **kwargs: Any) -> Any:
         """MONAI's :meth:`SlidingWindowInferer.__call__` (devices, buffering, blending), with ``with_coord`` set for
-        this call only."""
-        saved = self.with_coord
-        self.with_coord = with_coord
-        try:
-            return super().__call__(x, predictor, *args, **kwargs)
-        finally:
-            self.with_coord = saved
+        this call only (on a shallow copy, so concurrent calls, e.g. the label app's worker threads, do not race)."""
+        call = copy.copy(self)
+        call.with_coord = with_coord
+        return SlidingWindowInferer.__call__(call, x, predictor, *args, **kwargs)
