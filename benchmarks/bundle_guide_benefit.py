@@ -96,7 +96,8 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             common = dict(dataset_dir=str(data), max_cases=cases, seed=args.seed, guide=guided,
-                          pretrained_weights=args.pretrained_weights, num_workers=0, progress=False, **overrides)  # fmt: skip
+                          pretrained_weights=args.pretrained_weights, num_workers=0, progress=False,
+                          **overrides)  # fmt: skip
             t0 = time.perf_counter()
             run(src, work, ["train.json"], "train", epochs=epochs, resume=False, **common)
             train_s = time.perf_counter() - t0
@@ -104,7 +105,8 @@ def main() -> int:
             run(src, work, ["train.json", "evaluate.json"], "eval", **common)
             eval_s = time.perf_counter() - t0
             summary = json.load(open(work / "eval" / "metrics_summary.json"))
-            row = {"task": task, "variant": variant, "overrides": overrides, "epochs": epochs, "cases": cases, "train_s": train_s,
+            row = {"task": task, "variant": variant, "overrides": overrides, "epochs": epochs, "cases": cases,
+                   "train_s": train_s,
                    "eval_s": eval_s, "num_val_cases": summary["num_cases"], "mean_dice": summary["mean_dice"],
                    "pretrained_guide": bool(args.pretrained_weights)}  # fmt: skip
             for k, v in summary["metrics"].items():

@@ -20,7 +20,8 @@ class TestGuideOverheadScript(unittest.TestCase):
             out = Path(tmp) / "rows.json"
             args = "--device cpu --size tiny --vit_depth 1 --nets unet2d segresnet3d --repeats 1 --warmup 0 --json"
             cmd = [sys.executable, str(SCRIPT), *args.split(), str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # minutes on a loaded 2-core machine
+            # minutes on a loaded 2-core machine
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
             rows = json.loads(out.read_text())
         self.assertIn("| case | backbone | variant | plain ms | guided ms | ratio |", proc.stdout)

@@ -51,7 +51,9 @@ def _write_nifti(path: Path, array: np.ndarray) -> str:
 class TestTokens(unittest.TestCase):
     """Item 1: tokens are the ViT's normalised last hidden state (final norm applied), as timm's forward_features."""
 
-    @parameterized.expand([("vit_small_patch16_dinov3",), ("vit_small_patch14_dinov2",), ("vit_small_patch14_reg4_dinov2",)])
+    @parameterized.expand(
+        [("vit_small_patch16_dinov3",), ("vit_small_patch14_dinov2",), ("vit_small_patch14_reg4_dinov2",)]
+    )
     def test_tokens_equal_forward_features(self, name):
         torch.manual_seed(0)
         branch = GuideBranch(2, backbone=name, backbone_kwargs=SMALL_VIT, guide_size=64).eval()
@@ -262,7 +264,8 @@ class TestSliceConvention(unittest.TestCase):
         with torch.no_grad():
             g1, g3 = b1(vol), b3(vol)
         self.assertEqual(g3.shape[-1], 4)
-        torch.testing.assert_close(guide_slice_positions(12, 3), torch.tensor([1.0, 4.0, 7.0, 10.0], dtype=torch.float64))
+        want = torch.tensor([1.0, 4.0, 7.0, 10.0], dtype=torch.float64)
+        torch.testing.assert_close(guide_slice_positions(12, 3), want)
         torch.testing.assert_close(g3, g1[..., [1, 4, 7, 10]])  # computed from voxels 1, 4, 7, 10 (block centres)
         full = resample_guide(g3, (20, 24, 12))  # ... and read back there by the resampling
         torch.testing.assert_close(full[..., [1, 4, 7, 10]], resample_guide(g3, (20, 24, 4)))
@@ -330,7 +333,8 @@ class TestOptionsDoWhatTheySay(unittest.TestCase):
         g.mean().backward()
         grads = [p.grad for p in net.guide.backbone.parameters() if p.grad is not None]
         self.assertTrue(grads and any(float(x.abs().sum()) > 0 for x in grads))
-        batch = {"image": torch.rand(1, 1, 32, 32), "label": torch.zeros(1, 1, 32, 32), "coords": torch.zeros(1, 2, 32, 32)}
+        batch = {"image": torch.rand(1, 1, 32, 32), "label": torch.zeros(1, 1, 32, 32),
+                 "coords": torch.zeros(1, 2, 32, 32)}  # fmt: skip
         self.assertEqual(len(CachedGuidePrepareBatch(net, None)(batch)), 2)
 
     def test_strict_booleans(self):

@@ -42,7 +42,8 @@ class TestGuidedDynUNet(unittest.TestCase):
         with torch.no_grad():
             torch.testing.assert_close(plain(x), ref(x))
             torch.testing.assert_close(plain.train()(x), ref.train()(x))  # the stacked deep-supervision output
-        missing, unexpected = guided(dims, deep_supervision=True, deep_supr_num=2).load_state_dict(ref.state_dict(), strict=False)
+        net = guided(dims, deep_supervision=True, deep_supr_num=2)
+        missing, unexpected = net.load_state_dict(ref.state_dict(), strict=False)
         self.assertEqual(unexpected, [])
         self.assertTrue(all(k.startswith("guide.") for k in missing))
 

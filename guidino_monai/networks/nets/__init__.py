@@ -18,4 +18,12 @@ from .guided_unet import GuidedUNet
 
 GuidedUnet = GuidedUNet
 
-__all__ = ["GateAt", "GuideOptions", "GuidedDynUNet", "GuidedSegResNet", "GuidedUNet", "GuidedUnet", "check_spatial_shape"]
+__all__ = [
+    "GateAt",
+    "GuideOptions",
+    "GuidedDynUNet",
+    "GuidedSegResNet",
+    "GuidedUNet",
+    "GuidedUnet",
+    "check_spatial_shape",
+]

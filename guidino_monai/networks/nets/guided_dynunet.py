@@ -131,7 +131,9 @@ class GuidedDynUNet(GuideOptions, DynUNet):
     def _check(self, x: torch.Tensor) -> None:
         name = type(self).__name__
         if x.ndim != self.spatial_dims + 2:
-            raise ValueError(f"{name} with spatial_dims={self.spatial_dims} expects (B, C, *spatial), got {tuple(x.shape)}.")
+            raise ValueError(
+                f"{name} with spatial_dims={self.spatial_dims} expects (B, C, *spatial), got {tuple(x.shape)}."
+            )
         bad = [(s, d) for s, d in zip(x.shape[2:], self.axis_divisors) if int(s) % d]
         if bad:
             raise ValueError(

@@ -71,8 +71,8 @@ class GuidedUNet(GuideOptions, UNet):
     Same contract as :class:`~guidino_monai.networks.GuidedSegResNet`: logits only in ``eval()``, ``(logits,
     guide)`` in training. The state-dict keys of the UNet part are MONAI ``UNet``'s (``model.0.*``,
     ``model.1.submodule.*``, ...): ``use_guide=False`` loads a MONAI ``UNet`` checkpoint strictly, and a guided one
-    loads it with only the ``guide.*`` keys missing. ``gate_at="input"`` gates the image, ``"bottleneck"`` the bottom layer's output,
-    ``"decoder"`` each decoder stage except the top one (which emits the logits).
+    loads it with only the ``guide.*`` keys missing. ``gate_at="input"`` gates the image, ``"bottleneck"`` the bottom
+    layer's output, ``"decoder"`` each decoder stage except the top one (which emits the logits).
 
     Args:
         spatial_dims ... adn_ordering: as :class:`monai.networks.nets.UNet`.
