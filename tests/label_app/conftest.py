@@ -110,3 +110,15 @@ class Server(Service):
 def monailabel_ready():
     pytest.importorskip("monailabel", reason="MONAI Label is an optional extra: pip install -e .[label]")
     pytest.importorskip("requests")
+
+
+def serve_all_models(root: Path):
+    """A server on 4 studies (1 with a final label) serving every model, for a module fixture to yield; stopped after."""
+    studies = make_studies(root, num_cases=4, final_labels=1)
+    srv = Server(str(studies), root / "model", f"{HIPPO},{FETAL},{INTERACTIVE}", root / "server.log")
+    try:
+        srv.wait_ready()
+        srv.root, srv.studies = root, studies
+        yield srv
+    finally:
+        srv.stop()

@@ -10,22 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FETAL, HIPPO, INTERACTIVE, Server, make_studies
+from conftest import FETAL, HIPPO, INTERACTIVE, serve_all_models
 
 pytestmark = pytest.mark.usefixtures("monailabel_ready")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, monailabel_ready):
-    root = tmp_path_factory.mktemp("label_app")
-    studies = make_studies(root, num_cases=4, final_labels=1)
-    srv = Server(str(studies), root / "model", f"{HIPPO},{FETAL},{INTERACTIVE}", root / "server.log")
-    try:
-        srv.wait_ready()
-        srv.root, srv.studies = root, studies
-        yield srv
-    finally:
-        srv.stop()
+    yield from serve_all_models(tmp_path_factory.mktemp("label_app"))
 
 
 def _save(img) -> bytes:

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import FETAL, HIPPO, INTERACTIVE, Server, make_studies
+from conftest import HIPPO, INTERACTIVE, serve_all_models
 from slicer_client import SlicerClient, check_options_table, params_from_config, segments_of
 
 pytestmark = pytest.mark.usefixtures("monailabel_ready")
@@ -20,15 +20,7 @@ pytestmark = pytest.mark.usefixtures("monailabel_ready")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, monailabel_ready):
     pytest.importorskip("SimpleITK")
-    root = tmp_path_factory.mktemp("slicer")
-    studies = make_studies(root, num_cases=4, final_labels=1)
-    srv = Server(str(studies), root / "model", f"{HIPPO},{FETAL},{INTERACTIVE}", root / "server.log")
-    try:
-        srv.wait_ready()
-        srv.root, srv.studies = root, studies
-        yield srv
-    finally:
-        srv.stop()
+    yield from serve_all_models(tmp_path_factory.mktemp("slicer"))
 
 
 def _truth(server, image_id: str) -> np.ndarray:
