@@ -13,6 +13,13 @@
 
 from __future__ import annotations
 
-from .head_circumference import HC18_BOUNDARY_OFFSET_PX, ellipse_circumference, fit_ellipse, head_circumference_mm
+from .head_circumference import (
+    HC18_BOUNDARY_OFFSET_PX,
+    ellipse_circumference,
+    fit_ellipse,
+    head_circumference_mm,
+    largest_filled_component,
+)
 
-__all__ = ["HC18_BOUNDARY_OFFSET_PX", "ellipse_circumference", "fit_ellipse", "head_circumference_mm"]
+__all__ = ["HC18_BOUNDARY_OFFSET_PX", "ellipse_circumference", "fit_ellipse", "head_circumference_mm",
+           "largest_filled_component"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["HC18_BOUNDARY_OFFSET_PX", "fit_ellipse", "ellipse_circumference", "head_circumference_mm"]
+__all__ = ["HC18_BOUNDARY_OFFSET_PX", "largest_filled_component", "fit_ellipse", "ellipse_circumference", "head_circumference_mm"]
 
 #: Measured offset, in label pixels, between the boundary of the filled HC18 head labels and the reference ellipse
 #: of the challenge: the filled labels reach about 0.7 pixel beyond the ellipse whose perimeter is the reference
@@ -70,6 +70,23 @@ def _as_spacing(spacing: float | Sequence[float] | None) -> tuple[float, float]:
     return sy, sx
 
 
+def largest_filled_component(binary: np.ndarray) -> np.ndarray:
+    """The largest connected component of a boolean array (face connectivity, ``scipy.ndimage.label``), hole-filled.
+
+    Fragments away from the head (speckle, a second blob) are dropped and a ring-shaped prediction becomes a disc, so
+    the ellipse fit and the Dice of the post-processed mask do not depend on them. An empty array stays empty.
+    """
+    binary = np.asarray(binary, dtype=bool)
+    if not binary.any():
+        return binary
+    labels, n = ndimage.label(binary)
+    if n > 1:
+        counts = np.bincount(labels.ravel())
+        counts[0] = 0
+        binary = labels == int(np.argmax(counts))
+    return ndimage.binary_fill_holes(binary)
+
+
 def fit_ellipse(
     mask: np.ndarray | torch.Tensor, spacing: float | Sequence[float] | None = None
 ) -> tuple[float, float, float, float, float]:
@@ -98,12 +115,7 @@ def fit_ellipse(
     nan = float("nan")
     if not binary.any():
         return nan, nan, nan, nan, nan
-    labels, n = ndimage.label(binary)
-    if n > 1:
-        counts = np.bincount(labels.ravel())
-        counts[0] = 0
-        binary = labels == int(np.argmax(counts))
-    binary = ndimage.binary_fill_holes(binary)
+    binary = largest_filled_component(binary)
     ys, xs = np.nonzero(binary)
     y = ys.astype(np.float64) * sy
     x = xs.astype(np.float64) * sx

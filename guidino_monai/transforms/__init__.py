@@ -12,6 +12,9 @@
 from __future__ import annotations
 
 from .dictionary import (
+    KeepLargestFilledComponentD,
+    KeepLargestFilledComponentd,
+    KeepLargestFilledComponentDict,
     AddCoordinatesD,
     AddCoordinatesd,
     AddCoordinatesDict,
@@ -24,6 +27,9 @@ from .dictionary import (
 )
 
 __all__ = [
+    "KeepLargestFilledComponentD",
+    "KeepLargestFilledComponentDict",
+    "KeepLargestFilledComponentd",
     "AddCoordinatesD",
     "AddCoordinatesDict",
     "AddCoordinatesd",

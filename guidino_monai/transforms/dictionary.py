@@ -16,12 +16,16 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialPad, SpatialPadd
 
 __all__ = [
+    "KeepLargestFilledComponentd",
+    "KeepLargestFilledComponentD",
+    "KeepLargestFilledComponentDict",
     "AddCoordinatesd",
     "AddCoordinatesD",
     "AddCoordinatesDict",
@@ -168,6 +172,49 @@ class SplitGuidedOutputd(MapTransform):
         return d
 
 
+
+class KeepLargestFilledComponentd(MapTransform):
+    """Keep the largest connected component of each label in ``applied_labels``, with its holes filled.
+
+    The same clean-up as MONAI's ``KeepLargestConnectedComponentd`` followed by ``FillHolesd``, for a label map (one
+    channel of label values, e.g. after ``AsDiscreted(argmax=True)``), computed per 2D/3D image with
+    ``scipy.ndimage`` (MONAI's version needs scikit-image). Voxels of a dropped fragment become background (0); a
+    filled hole takes the label. Meta data (affine, applied operations) are kept.
+
+    Args:
+        keys: keys of the label maps, ``(1, *spatial)``.
+        applied_labels: label values to clean, one at a time.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, applied_labels: Sequence[int], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.applied_labels = [int(v) for v in applied_labels]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from guidino_monai.metrics.head_circumference import largest_filled_component
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] != 1:
+                raise ValueError(f"{key!r}: expected a label map with one channel, got shape {tuple(img.shape)}.")
+            values = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+            out = values.copy()
+            for label in self.applied_labels:
+                mask = values[0] == label
+                keep = largest_filled_component(mask)
+                out[0][mask & ~keep] = 0
+                out[0][keep] = label
+            if isinstance(img, torch.Tensor):
+                result = torch.as_tensor(out, dtype=img.dtype, device=img.device)
+                d[key] = img.clone().copy_(result) if isinstance(img, MetaTensor) else result
+            else:
+                d[key] = out
+        return d
+
+
+KeepLargestFilledComponentD = KeepLargestFilledComponentDict = KeepLargestFilledComponentd
 SplitGuidedOutputD = SplitGuidedOutputDict = SplitGuidedOutputd
 AddCoordinatesD = AddCoordinatesDict = AddCoordinatesd
 SpatialPadWithCoordinatesD = SpatialPadWithCoordinatesDict = SpatialPadWithCoordinatesd

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -244,6 +246,10 @@ class GuideBranch(nn.Module):
             precision, and hand its tokens on in the input's dtype; ``None`` (default) runs it in the caller's
             precision. On CPUs with bf16 instructions (AVX512-BF16, AMX) ``"bfloat16"`` about halves the ViT's time
             (see docs/performance.md) at ~0.3% relative token error. Not applied while tracing for TorchScript.
+        token_cache_size: in eval mode with a frozen ViT, remember the tokens of up to this many recent ViT inputs
+            (keyed by a hash of the input and the ViT weights' versions, so loading weights invalidates them): a
+            validation set seen every epoch then runs the ViT once per image. The tokens are a function of the input,
+            so results are unchanged. ``0`` (default) keeps nothing; each entry holds ``E * h * w`` floats per slice.
         num_prototypes, proj_channels, ema_momentum, sim_dropout, token_sample_rate: see :class:`TokenBook`.
 
     Raises:
@@ -272,8 +278,13 @@ class GuideBranch(nn.Module):
         sim_dropout: float = 0.0,
         token_sample_rate: float = 1.0,
         vit_dtype: str | torch.dtype | None = None,
+        token_cache_size: int = 0,
     ) -> None:
         super().__init__()
+        if token_cache_size < 0:
+            raise ValueError(f"token_cache_size must be >= 0, got {token_cache_size}.")
+        self.token_cache_size = int(token_cache_size)
+        self._token_memo: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         if spatial_dims not in (2, 3):
             raise ValueError(f"`spatial_dims` can only be 2 or 3, got {spatial_dims}.")
         if in_channels < 1:
@@ -448,6 +459,33 @@ class GuideBranch(nn.Module):
 
     def encode_slices(self, slices: torch.Tensor) -> torch.Tensor:
         """2D slices ``(N, C, H, W)`` already scaled to ``[0, 1]`` -> DINO patch tokens ``(N, E, h, w)``."""
+        key = self._memo_key(slices)
+        if key is not None and key in self._token_memo:
+            self._token_memo.move_to_end(key)
+            return self._token_memo[key]
+        tokens = self._encode_slices(slices)
+        if key is not None:
+            self._token_memo[key] = tokens.detach()
+            while len(self._token_memo) > self.token_cache_size:
+                self._token_memo.popitem(last=False)
+        return tokens
+
+    def _memo_key(self, slices: torch.Tensor) -> tuple | None:
+        """Key of the eval-mode token memo, ``None`` when the memo does not apply (off, training, trainable ViT,
+        tracing)."""
+        if (
+            self.token_cache_size == 0
+            or self.training
+            or self.vit_trainable
+            or torch.jit.is_tracing()
+            or torch.jit.is_scripting()
+        ):
+            return None
+        data = slices.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        weights = tuple(p._version for p in self.backbone.parameters())
+        return (hashlib.sha1(data).hexdigest(), tuple(slices.shape), str(slices.device), self.vit_dtype, weights)
+
+    def _encode_slices(self, slices: torch.Tensor) -> torch.Tensor:
         dino_in = self.to_dino_input(slices)
         grad = torch.is_grad_enabled() and self.vit_trainable
         amp = self.vit_dtype is not None and not torch.jit.is_tracing()
