@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from bundle_guide_benefit import BUNDLES, REPO, run
 
-#: DynUNet (nnU-Net) settings per task: 5 levels in 2D (the 256x176 input allows 4 halvings), 4 in 3D (32x48x32: 3), deep supervision
+#: DynUNet (nnU-Net) settings per task, deep supervision: 5 levels in 2D (the 256x176 input allows 4 halvings), 4 in
+#: 3D (the ROI 32x48x32 allows 3)
 DYNUNET = {
     "fetalhead": {"spatial_dims": 2, "kernel_size": [3] * 5, "strides": [1, 2, 2, 2, 2],
                   "upsample_kernel_size": [2] * 4, "filters": [16, 32, 64, 128, 256]},
@@ -71,7 +72,8 @@ def train_and_eval(task: str, variant: str, seed: int, budget_s: float, args) ->
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     budget = TimeBudget(budget_s)
-    constant_lr = {"_target_": "torch.optim.lr_scheduler.LambdaLR", "optimizer": "@optimizer", "lr_lambda": "$lambda e: 1.0"}
+    constant_lr = {"_target_": "torch.optim.lr_scheduler.LambdaLR", "optimizer": "@optimizer",
+                   "lr_lambda": "$lambda e: 1.0"}  # the learning rate is set by TimeBudget
     run(src, work, ["train.json"], "train", epochs=100_000, resume=False, lr_scheduler=constant_lr,
         _after_init=budget.attach, **common)  # fmt: skip
     train_s, epochs = budget.elapsed, len(budget.epoch_ends)

@@ -26,7 +26,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["HC18_BOUNDARY_OFFSET_PX", "largest_filled_component", "fit_ellipse", "ellipse_circumference", "head_circumference_mm"]
+__all__ = [
+    "HC18_BOUNDARY_OFFSET_PX",
+    "largest_filled_component",
+    "fit_ellipse",
+    "ellipse_circumference",
+    "head_circumference_mm",
+]
 
 #: Measured offset, in label pixels, between the boundary of the filled HC18 head labels and the reference ellipse
 #: of the challenge: the filled labels reach about 0.7 pixel beyond the ellipse whose perimeter is the reference

@@ -1,0 +1,57 @@
+"""benchmarks/equal_budget.py's TimeBudget: a cosine learning rate over elapsed time and a stop at the budget, with a
+last validation; time is faked, so the schedule is checked exactly."""
+
+from __future__ import annotations
+
+import math
+import sys
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import torch
+from ignite.engine import Engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import equal_budget  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class TestTimeBudget(unittest.TestCase):
+    def test_cosine_over_time_and_stop(self):
+        clock = FakeClock()
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+        seen_lr, validated = [], []
+
+        def step(engine, batch):
+            seen_lr.append(opt.param_groups[0]["lr"])
+            clock.t += 10.0  # every iteration takes 10 s
+
+        trainer = Engine(step)
+        evaluator = mock.Mock()
+        evaluator.run.side_effect = lambda epoch: validated.append(epoch)
+        workflow = mock.Mock(trainer=trainer)
+        workflow.parser.get_parsed_content.side_effect = {"optimizer": opt, "validate#evaluator": evaluator}.__getitem__
+        budget = equal_budget.TimeBudget(budget_s=45.0)
+        with mock.patch.object(equal_budget.time, "perf_counter", clock):
+            budget.attach(workflow)
+            trainer.run(range(2), max_epochs=100)
+        expected = [0.4 * 0.5 * (1 + math.cos(math.pi * t / 45.0)) for t in (0, 10, 20, 30, 40)]
+        self.assertEqual(len(seen_lr), 5)  # 5 iterations: the one ending at 50 s > 45 s is the last
+        for got, want in zip(seen_lr, expected):
+            self.assertAlmostEqual(got, want, places=12)
+        self.assertEqual(budget.iterations, 5)
+        self.assertEqual(budget.epoch_ends, [20.0, 40.0])  # two full epochs of 2 iterations
+        self.assertAlmostEqual(budget.elapsed, 50.0)
+        self.assertEqual(validated, [3])  # the stopped epoch is validated once more
+
+
+if __name__ == "__main__":
+    unittest.main()
