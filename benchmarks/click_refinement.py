@@ -65,6 +65,7 @@ def run_case(
     tolerance: float,
     prototypes: bool = True,
     max_radius: float | None = 12.0,
+    uncertain_band: float | None = None,
 ) -> tuple[dict[int, float], list[float], int, int]:
     """Simulated clicks on one case: ``(Dice per step, seconds per click, foreground clicks, background clicks)``."""
     intensities = image[0, 0].numpy()
@@ -76,7 +77,8 @@ def run_case(
         if regions:
             for point, is_fg, lab in history:  # in click order: a later click wins where regions overlap
                 probs = apply_clicks(probs, intensities, [point] if is_fg else [], [] if is_fg else [point], label=lab,
-                                     radius=radius, tolerance=tolerance, max_radius=max_radius)  # fmt: skip
+                                     radius=radius, tolerance=tolerance, max_radius=max_radius,
+                                     uncertain_band=uncertain_band)  # fmt: skip
         pred = probs.argmax(0)
         if k > 0:
             seconds.append(time.perf_counter() - t)
@@ -106,7 +108,7 @@ def main() -> None:
         help="as the training run's max_cases, so the validation split is the one it held out",
     )
     ap.add_argument("--clicks", type=int, default=5)
-    ap.add_argument("--radius", type=float, default=4.0, help="click region radius (mm; the grid is 1 mm)")
+    ap.add_argument("--radius", type=float, default=2.0, help="click region radius (mm; the grid is 1 mm)")
     ap.add_argument("--tolerance", type=float, default=1.0, help="click region intensity band (std)")
     ap.add_argument(
         "--tiny",
@@ -118,9 +120,13 @@ def main() -> None:
                     help="leave out the first N cases by name (those a quick --max_cases N training run saw, and the "
                     "validation cases the click regions were tuned on): a clean held-out set")  # fmt: skip
     ap.add_argument("--methods", default="prototypes,prototypes+regions,regions")
-    ap.add_argument("--max_radius", type=float, default=12.0, help="largest click region radius (mm)")
+    ap.add_argument("--max_radius", type=float, default=6.0, help="largest click region radius (mm)")
+    ap.add_argument("--uncertain_band", type=float, default=0.1,
+                    help="apply_clicks' uncertain_band for the methods with regions (the app's default; -1: off)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.uncertain_band is not None and args.uncertain_band < 0:
+        args.uncertain_band = None
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
@@ -166,7 +172,8 @@ def main() -> None:
         row = {"image": Path(item["image"]).name}
         for m, (regions, prototypes) in methods.items():
             scores, secs, n_fg, n_bg = run_case(refiner, image, label, args.clicks, steps, regions, args.radius,
-                                                args.tolerance, prototypes, args.max_radius)  # fmt: skip
+                                                args.tolerance, prototypes, args.max_radius,
+                                                args.uncertain_band)  # fmt: skip
             seconds[m] += secs
             row[m] = {"dice": scores, "fg": n_fg, "bg": n_bg}
         per_case.append(row)
@@ -198,6 +205,7 @@ def main() -> None:
                     "radius_mm": args.radius,
                     "tolerance": args.tolerance,
                     "max_radius_mm": args.max_radius,
+                    "uncertain_band": args.uncertain_band,
                 },
                 indent=2,
             )

@@ -104,6 +104,7 @@ def apply_clicks(
     spacing: Sequence[float] | None = None,
     max_radius: float | None = 12.0,
     background_tolerance: float | None = None,
+    uncertain_band: float | None = None,
 ) -> np.ndarray:
     """Force each click's :func:`click_region` to the click's class in the class probabilities ``probs``.
 
@@ -120,6 +121,11 @@ def apply_clicks(
             click) and its reach adapts to that region's thickness (``max_radius=None``: fixed ``radius``).
         background_tolerance: intensity band of background clicks; ``None`` (default): none, a background click
             removes the connected part of the wrongly labelled region around it whatever its intensities.
+        uncertain_band: where the network hesitated, trust it: a foreground click's region is then the connected
+            part of the voxels whose probability of the class is at least ``uncertain_band`` (a background click's:
+            at most ``1 - uncertain_band``) instead of the intensity band, so it follows the network's own boundary
+            (still within the ball). Used only when the clicked voxel itself lies in that band; otherwise (a miss or
+            a false positive the network is sure about) the intensity region applies. ``None`` (default): off.
 
     Returns:
         corrected ``(C, *spatial)`` probabilities (a copy; rows still sum to 1).
@@ -146,6 +152,11 @@ def apply_clicks(
         if not within[idx]:  # the click agrees with the segmentation already: nothing to correct there
             within = None
         band = tolerance if is_fg else background_tolerance
+        if uncertain_band is not None and within is not None:
+            k_prob = out[k] if is_fg else out[removed].sum(0)
+            hesitant = k_prob >= uncertain_band if is_fg else k_prob <= 1.0 - uncertain_band
+            if hesitant[idx]:
+                within, band = within & hesitant, None
         region = click_region(image, point, radius, band, spacing, within=within, max_radius=max_radius)
         if is_fg:
             out[:, region] = 0.0
