@@ -21,5 +21,10 @@ from .head_circumference import (
     largest_filled_component,
 )
 
-__all__ = ["HC18_BOUNDARY_OFFSET_PX", "ellipse_circumference", "fit_ellipse", "head_circumference_mm",
-           "largest_filled_component"]
+__all__ = [
+    "HC18_BOUNDARY_OFFSET_PX",
+    "ellipse_circumference",
+    "fit_ellipse",
+    "head_circumference_mm",
+    "largest_filled_component",
+]

@@ -172,7 +172,6 @@ class SplitGuidedOutputd(MapTransform):
         return d
 
 
-
 class KeepLargestFilledComponentd(MapTransform):
     """Keep the largest connected component of each label in ``applied_labels``, with its holes filled.
 
