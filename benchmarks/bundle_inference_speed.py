@@ -8,7 +8,8 @@ For each bundle (hippocampus MRI 3D, fetal-head ultrasound 2D) the network, ROI 
 its ``configs/inference.json`` (``--guide False`` for the plain network); images are real cases from
 ``../shared/data`` (or ``$GUIDINO_SHARED_DATA``), intensities scaled to [0, 1]. Plain and guided run interleaved on
 the same images; the script prints the median seconds per image and the ratio. Random-init weights (speed does not
-depend on them). No pre/post-processing: this times the network and the inferer, which is what the guide changes.
+depend on them). No pre/post-processing: this times the network and the inferer, which is what the guide changes
+(a bundle that resizes the whole image, the fetal head's, is timed on the resized image).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def load(path: Path, dims: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
 
 
+def resized_to(bundle: str) -> list[int] | None:
+    """The network input size when the bundle's inference preprocessing resizes the image (``Resized``), else None."""
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
+    if any(t.get("_target_") == "Resized" for t in parser["preprocessing"]["transforms"]):
+        return list(parser["roi_size"])
+    return None
+
+
 def build(bundle: str, guided: bool, vit_dtype: str | None, guide_size: int | None = None):
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundles" / bundle / "configs" / "inference.json"))
@@ -75,6 +85,9 @@ def main() -> int:
             print(f"no images for {name} under {SHARED} ({pattern}): skipped", file=sys.stderr)
             continue
         images = [load(f, 3 if name == "hippocampus" else 2) for f in files]
+        size = resized_to(bundle)
+        if size is not None:  # the bundle resizes the whole image to the network input (fetal head): time that input
+            images = [torch.nn.functional.interpolate(i, size=size, mode="bilinear", antialias=True) for i in images]
         variants = {"plain": build(bundle, False, None), "guided": build(bundle, True, None),
                     "guided_vit_bf16": build(bundle, True, "bfloat16")}  # fmt: skip
         for gs in args.guide_sizes:
