@@ -68,7 +68,8 @@ def train_and_eval(task: str, variant: str, seed: int, budget_s: float, args) ->
         common["network_def"] = dynunet_def(task)
         if task == "fetalhead":
             common["gate_at"] = "bottleneck"
-    work = Path(args.work) / f"{task}_{variant}_s{seed}"
+    common.update(args.overrides)
+    work = Path(args.work) / f"{task}_{variant}{args.tag}_s{seed}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     budget = TimeBudget(budget_s)
@@ -81,10 +82,12 @@ def train_and_eval(task: str, variant: str, seed: int, budget_s: float, args) ->
     epoch_s = (budget.epoch_ends[-1] - first_s) / (epochs - 1) if epochs > 1 else float("nan")
     run(src, work, ["train.json", "evaluate.json"], "eval", **common)
     summary = json.load(open(work / "eval" / "metrics_summary.json"))
-    row = {"task": task, "variant": variant, "seed": seed, "epochs": epochs, "first_epoch_s": round(first_s, 1),
+    row = {"task": task, "variant": variant + args.tag, "seed": seed, "epochs": epochs, "first_epoch_s": round(first_s, 1),
            "epoch_s": round(epoch_s, 1), "train_s": round(train_s, 1), "budget_s": budget_s,
            "iterations": budget.iterations, "mean_dice": summary["mean_dice"],
            "pretrained_guide": bool(args.pretrained_weights)}  # fmt: skip
+    if args.overrides:
+        row["overrides"] = args.overrides
     for k, v in summary["metrics"].items():
         row[k] = v["mean"]
     hc = [float(r["hc_abs_error_mm"]) for r in csv.DictReader(open(work / "eval" / "metrics_per_case.csv"))
@@ -151,7 +154,11 @@ def main() -> int:
     p.add_argument("--pretrained_weights", default=None)
     p.add_argument("--work", default=str(REPO / "benchmarks" / "runs" / "equal_budget"))
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "equal_budget.json"))
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+                   help="bundle config overrides for every variant, e.g. gate_mode='\"residual\"'")
+    p.add_argument("--tag", default="", help="suffix of the run folders (keeps runs with --set apart)")
     args = p.parse_args()
+    args.overrides = parse_overrides(args.set)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
@@ -168,6 +175,20 @@ def main() -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"rows": rows, "command": " ".join(sys.argv)}, indent=2) + "\n")
     return 0
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=JSON`` pairs -> dict; a value that is not JSON is taken as a string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=JSON, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def format_table(rows: list[dict]) -> str:

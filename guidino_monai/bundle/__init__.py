@@ -16,6 +16,7 @@ from __future__ import annotations
 from .report import HeadCircumferenceReport, SegmentationReport, case_metrics, save_overlay
 from .utils import (
     TASKS,
+    LabelDice,
     ProgressBar,
     TrainingCheckpoint,
     find_bundle_root,
@@ -29,6 +30,7 @@ from .weights import WeightsNotPublishedError, download_weights, require_loader_
 
 __all__ = [
     "HeadCircumferenceReport",
+    "LabelDice",
     "TASKS",
     "ProgressBar",
     "SegmentationReport",

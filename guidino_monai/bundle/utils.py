@@ -28,6 +28,7 @@ from ..utils import as_bool, atomic_write
 
 __all__ = [
     "TASKS",
+    "LabelDice",
     "ProgressBar",
     "TrainingCheckpoint",
     "find_bundle_root",
@@ -208,6 +209,92 @@ class TrainingCheckpoint:
         if epoch >= engine.state.max_epochs:
             logger.warning("%s already holds %d epochs (max_epochs=%d): nothing left to train.", self.path, epoch,
                            engine.state.max_epochs)  # fmt: skip
+
+
+class LabelDice:
+    """Validation Dice of every foreground label, logged each validation; warns when the network has lost a label.
+
+    A mean Dice hides a label that the network never learned (e.g. 0.44 = one label at 0.88 and one at 0). This
+    handler, attached to the validator before ``StatsHandler`` / ``TensorBoardStatsHandler``, puts one scalar per
+    label into ``engine.state.metrics`` (``val_dice_<name>``), so both log it, and logs a warning once a label's Dice
+    has stayed below ``lost_below`` for ``patience`` validations in a row.
+
+    Dice is computed per case with MONAI's ``DiceMetric`` (cases without the label are left out of its mean, as in
+    ``MeanDice``) on the outputs' ``pred`` and ``label`` (one-hot, after post-processing). Nothing is gathered across
+    processes: in multi-process training the validator's handlers run on rank 0 only, so there it covers rank 0's
+    share of the validation cases.
+
+    Args:
+        labels: ``{index: name}`` of the labels; background (index 0) is skipped.
+        patience: validations in a row below ``lost_below`` before the warning. Defaults to 3.
+        lost_below: a label's Dice below this counts as lost. Defaults to 0.01.
+        prefix: metric name prefix. Defaults to ``"val_dice_"``.
+        keys: output keys of prediction and label. Defaults to ``("pred", "label")``.
+    """
+
+    def __init__(
+        self,
+        labels: Mapping[Any, str],
+        patience: int = 3,
+        lost_below: float = 0.01,
+        prefix: str = "val_dice_",
+        keys: Sequence[str] = ("pred", "label"),
+    ) -> None:
+        self.labels = {int(k): str(v) for k, v in labels.items() if int(k) != 0}
+        if not self.labels:
+            raise ValueError(f"LabelDice: no foreground label in labels={dict(labels)!r}.")
+        if int(patience) < 1:
+            raise ValueError(f"LabelDice: patience must be >= 1, got {patience!r}.")
+        self.patience = int(patience)
+        self.lost_below = float(lost_below)
+        self.prefix = prefix
+        self.keys = tuple(keys)
+        self.low_streak = dict.fromkeys(self.labels, 0)
+        self.warned: set[int] = set()
+        self._rows: list[torch.Tensor] = []
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
+
+    def reset(self, engine: Any = None) -> None:
+        self._rows = []
+
+    def update(self, engine: Any) -> None:
+        from monai.handlers import from_engine
+        from monai.metrics import compute_dice
+
+        preds, labels = from_engine(list(self.keys))(engine.state.output)
+        for pred, label in zip(preds, labels):
+            pred, label = torch.as_tensor(pred), torch.as_tensor(label)
+            if pred.shape[0] <= max(self.labels) or pred.shape != label.shape:
+                raise ValueError(f"LabelDice: expected one-hot {self.keys} with > {max(self.labels)} channels and "
+                                 f"equal shapes, got {tuple(pred.shape)} and {tuple(label.shape)}.")  # fmt: skip
+            dice = compute_dice(pred[None].float(), label[None].float(), include_background=True)[0]
+            self._rows.append(dice[list(self.labels)].cpu())
+
+    def per_label(self) -> dict[str, float]:
+        """Mean Dice per label name over the cases seen since the last reset (nan where no case has the label)."""
+        if not self._rows:
+            return {}
+        table = torch.stack(self._rows)
+        return {name: float(torch.nanmean(table[:, i])) for i, name in enumerate(self.labels.values())}
+
+    def complete(self, engine: Any) -> None:
+        epoch = int(engine.state.epoch)
+        for (index, name), value in zip(self.labels.items(), self.per_label().values()):
+            engine.state.metrics[f"{self.prefix}{name.replace(' ', '_')}"] = value
+            self.low_streak[index] = self.low_streak[index] + 1 if value < self.lost_below else 0
+            if self.low_streak[index] >= self.patience and index not in self.warned:
+                self.warned.add(index)
+                logger.warning(
+                    "validation Dice of label %d (%s) has stayed below %g for %d validations (up to epoch %d): the "
+                    "network is not learning this label. It may still recover; if it does not, train again with "
+                    "another seed (see the bundle README, Limitations).", index, name, self.lost_below,
+                    self.low_streak[index], epoch)  # fmt: skip
 
 
 class ProgressBar:

@@ -49,6 +49,15 @@ class TestBundleWorkflows(unittest.TestCase):
         n_train = len(self.workflows[name].parser.get_parsed_content("train_datalist"))
         self.assertEqual(len(prep.tokens), n_train)
 
+    def test_validation_dice_per_label(self):
+        """The hippocampus validator logs each label's Dice (a lost label is hidden in the mean) beside MONAI's."""
+        metrics = self.workflows[HIPPO].parser.get_parsed_content("validate#evaluator").state.metrics
+        per_label = [metrics["val_dice_anterior"], metrics["val_dice_posterior"]]
+        self.assertTrue(all(0.0 <= v <= 1.0 for v in per_label), metrics)
+        self.assertAlmostEqual(sum(per_label) / 2, metrics["val_mean_dice"], places=5)  # MONAI's MeanDice
+        log = b"".join(p.read_bytes() for p in (self.bundles[HIPPO] / "runs").glob("events.out.tfevents.*"))
+        self.assertIn(b"val_dice_posterior", log)  # TensorBoard got it too
+
     @parameterized.expand([(HIPPO,), (FETAL,)])
     def test_resume_from_last_checkpoint(self, name):
         with tempfile.TemporaryDirectory() as d:
