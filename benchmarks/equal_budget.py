@@ -12,6 +12,8 @@ Usage (CPU, real data in ../shared/data; about budget x variants x seeds x tasks
 a second job on 2 cores slows both)::
 
     python benchmarks/equal_budget.py --budget_min 20 --seeds 0 1 --json benchmarks/results/equal_budget.json
+    python benchmarks/equal_budget.py --tasks hippocampus --variants guided --set gate_mode=residual --tag _residual \
+        --json residual.json        # a changed recipe: --set overrides bundle config ids, --tag names its runs
 
 The guide ViT is random-init unless --pretrained_weights names a local DINO file: say so when quoting numbers.
 """
@@ -82,9 +84,9 @@ def train_and_eval(task: str, variant: str, seed: int, budget_s: float, args) ->
     epoch_s = (budget.epoch_ends[-1] - first_s) / (epochs - 1) if epochs > 1 else float("nan")
     run(src, work, ["train.json", "evaluate.json"], "eval", **common)
     summary = json.load(open(work / "eval" / "metrics_summary.json"))
-    row = {"task": task, "variant": variant + args.tag, "seed": seed, "epochs": epochs, "first_epoch_s": round(first_s, 1),
-           "epoch_s": round(epoch_s, 1), "train_s": round(train_s, 1), "budget_s": budget_s,
-           "iterations": budget.iterations, "mean_dice": summary["mean_dice"],
+    row = {"task": task, "variant": variant + args.tag, "seed": seed, "epochs": epochs,
+           "first_epoch_s": round(first_s, 1), "epoch_s": round(epoch_s, 1), "train_s": round(train_s, 1),
+           "budget_s": budget_s, "iterations": budget.iterations, "mean_dice": summary["mean_dice"],
            "pretrained_guide": bool(args.pretrained_weights)}  # fmt: skip
     if args.overrides:
         row["overrides"] = args.overrides
@@ -155,7 +157,8 @@ def main() -> int:
     p.add_argument("--work", default=str(REPO / "benchmarks" / "runs" / "equal_budget"))
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "equal_budget.json"))
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
-                   help="bundle config overrides for every variant, e.g. gate_mode='\"residual\"'")
+                   help="bundle config overrides for every variant, e.g. gate_mode=residual "
+                        "guide_kwargs#guide_size=112 (values are JSON, else strings)")
     p.add_argument("--tag", default="", help="suffix of the run folders (keeps runs with --set apart)")
     args = p.parse_args()
     args.overrides = parse_overrides(args.set)

@@ -53,5 +53,13 @@ class TestTimeBudget(unittest.TestCase):
         self.assertEqual(validated, [3])  # the stopped epoch is validated once more
 
 
+class TestOverrides(unittest.TestCase):
+    def test_set_values(self):
+        got = equal_budget.parse_overrides(["gate_mode=residual", "guide_kwargs#guide_size=112", 'x=["a", 1]'])
+        self.assertEqual(got, {"gate_mode": "residual", "guide_kwargs#guide_size": 112, "x": ["a", 1]})
+        with self.assertRaises(SystemExit):
+            equal_budget.parse_overrides(["gate_mode"])
+
+
 if __name__ == "__main__":
     unittest.main()
