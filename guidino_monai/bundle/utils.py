@@ -219,7 +219,7 @@ class LabelDice:
     label into ``engine.state.metrics`` (``val_dice_<name>``), so both log it, and logs a warning once a label's Dice
     has stayed below ``lost_below`` for ``patience`` validations in a row.
 
-    Dice is computed per case with MONAI's ``DiceMetric`` (cases without the label are left out of its mean, as in
+    Dice is computed per case with MONAI's ``compute_dice`` (cases without the label are left out of its mean, as in
     ``MeanDice``) on the outputs' ``pred`` and ``label`` (one-hot, after post-processing). Nothing is gathered across
     processes: in multi-process training the validator's handlers run on rank 0 only, so there it covers rank 0's
     share of the validation cases.
