@@ -102,11 +102,17 @@ class TestBundleDocs(unittest.TestCase):
     def test_eval_metrics_are_the_readme_figures(self, name):
         meta = json.loads((BUNDLES / name / "configs" / "metadata.json").read_text())
         text = (BUNDLES / name / "docs" / "README.md").read_text()
-        rows = {}
+        rows, in_table = {}, False  # the first results table, its guided column (the third)
         for line in text.splitlines():
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 4 and cells[0] != "metric (validation mean)" and not cells[0].startswith("---"):
-                rows[cells[0]] = cells[2]  # the guided column
+            if cells[0] == "metric (validation mean)":
+                self.assertTrue(cells[2].startswith("guided"), cells)
+                in_table = True
+            elif in_table and line.startswith("|"):
+                if not cells[0].startswith("---"):
+                    rows[cells[0]] = cells[2]
+            elif in_table:
+                break
         self.assertEqual(set(meta["eval_metrics"]), set(README_METRICS[name]))
         for key, row in README_METRICS[name].items():
             self.assertIsInstance(meta["eval_metrics"][key], (int, float), key)
