@@ -123,8 +123,8 @@ class TestModelZooCI(unittest.TestCase):
             self.assertNotIn("guidino-monai", names)
             self.assertTrue({"monai", "torch", "numpy", "timm", "nibabel"} <= names, names)
 
-    @unittest.skipUnless(SCHEMA.is_file(), f"MONAI metadata schema not found at {SCHEMA}")
     @parameterized.expand([(HIPPO,), (FETAL,)])
+    @unittest.skipUnless(SCHEMA.is_file(), f"MONAI metadata schema not found at {SCHEMA}")
     def test_verify_bundle(self, name):
         out = self.zoo_ci("verify", f"models/{name}", "--schema", str(SCHEMA), "--script-export")
         for step in ("verify: guidino_monai is not importable", "directory:", "version:", "metadata:", "properties:",
