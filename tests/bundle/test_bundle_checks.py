@@ -133,6 +133,18 @@ class TestBundleDocs(unittest.TestCase):
         self.assertEqual(inference["imports"].index("$import scripts") + 1, inference["imports"].index(
             "$import guidino_monai"), "the bundle's scripts/ must come before guidino_monai")  # fmt: skip
 
+    @parameterized.expand([(HIPPO,), (FETAL,)])
+    def test_inference_builds_the_trained_network(self, name):
+        """inference.json stands alone (the zoo runs it without train.json): its network and guide settings must be
+        train.json's, or trained weights meet another guide geometry; only training's token cache may differ."""
+        train, inference = (json.loads((BUNDLES / name / "configs" / f).read_text()) for f in ("train.json",
+                                                                                             "inference.json"))
+        for key in ("guide", "guide_backbone", "guide_backbone_kwargs", "gate_at", "gate_mode", "num_classes",
+                    "roi_size", "network_def"):
+            self.assertEqual(inference[key], train[key], f"{name}: {key} differs between train.json and inference.json")
+        trained = {k: v for k, v in train["guide_kwargs"].items() if k != "token_cache_size"}
+        self.assertEqual(inference["guide_kwargs"], trained, f"{name}: guide_kwargs differ")
+
 
 def root_cause(exc: BaseException, kind: type) -> BaseException | None:
     """monai.bundle wraps errors raised inside config expressions; find ours in the chain."""
