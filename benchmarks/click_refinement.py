@@ -15,8 +15,12 @@ predicted there). Two methods are compared on the same clicks' rule, each with i
 - ``prototypes+regions``: the same, then each click's intensity region
   (:func:`guidino_monai.interactive.apply_clicks`, ``--radius`` mm, ``--tolerance`` std) is forced to the click's
   label, training-free, so a click helps whatever the guide ViT's weights;
-- ``regions``: the regions alone (what the MONAI Label app serves by default when the guide ViT has random weights:
-  ``click_prototypes: auto``).
+- ``regions``: the regions alone (what the MONAI Label app serves when the guide ViT has random weights and the
+  bundle has no click refiner: ``click_prototypes: auto``);
+- ``refiner``: the bundle's click-trained refiner (``--refiner``, :class:`guidino_monai.interactive.ClickRefinementNet`,
+  trained with ``python -m guidino_monai.interactive.train_refiner``) corrects the network's segmentation from all
+  clicks so far (what the app serves when ``models/click_refiner.pt`` is present);
+- ``refiner+regions``: the refiner, then the click regions.
 
 ``--methods`` picks some of them.
 
@@ -40,7 +44,8 @@ import torch
 from monai.bundle import ConfigParser
 
 from guidino_monai.bundle import prepare_datalists
-from guidino_monai.interactive import ClickRefiner, apply_clicks, next_click
+from guidino_monai.interactive import ClickRefinementNet, ClickRefiner, apply_clicks, load_refiner, next_click, \
+    refine_with_clicks
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "guidino_hippocampus_mri_segmentation"
 
@@ -66,6 +71,7 @@ def run_case(
     prototypes: bool = True,
     max_radius: float | None = 12.0,
     uncertain_band: float | None = None,
+    refine_net: ClickRefinementNet | None = None,
 ) -> tuple[dict[int, float], list[float], int, int]:
     """Simulated clicks on one case: ``(Dice per step, seconds per click, foreground clicks, background clicks)``."""
     intensities = image[0, 0].numpy()
@@ -74,6 +80,9 @@ def run_case(
         t = time.perf_counter()
         logits, _ = refiner.predict(fg, bg) if prototypes else refiner.predict()
         probs = torch.softmax(logits[0].float(), 0).numpy()
+        if refine_net is not None and history:  # channel: the true class for a foreground click, 0 for a background one
+            clicks = [(point, lab if is_fg else 0) for point, is_fg, lab in history]
+            probs = refine_with_clicks(refine_net, image, torch.from_numpy(probs)[None], clicks)[0].numpy()
         if regions:
             for point, is_fg, lab in history:  # in click order: a later click wins where regions overlap
                 probs = apply_clicks(probs, intensities, [point] if is_fg else [], [] if is_fg else [point], label=lab,
@@ -120,6 +129,8 @@ def main() -> None:
                     help="leave out the first N cases by name (those a quick --max_cases N training run saw, and the "
                     "validation cases the click regions were tuned on): a clean held-out set")  # fmt: skip
     ap.add_argument("--methods", default="prototypes,prototypes+regions,regions")
+    ap.add_argument("--refiner", default=str(BUNDLE / "models" / "click_refiner.pt"),
+                    help="click refiner weights for the refiner methods")  # fmt: skip
     ap.add_argument("--max_radius", type=float, default=6.0, help="largest click region radius (mm)")
     ap.add_argument("--uncertain_band", type=float, default=0.1,
                     help="apply_clicks' uncertain_band for the methods with regions (the app's default; -1: off)")
@@ -159,8 +170,14 @@ def main() -> None:
     roi = infer.get_parsed_content("roi_size")
     refiner = ClickRefiner(net, roi_size=roi, sw_batch_size=4, overlap=0.5, mode="gaussian")
     steps = sorted({0, 1, 3, args.clicks} & set(range(args.clicks + 1)))
-    known = {"prototypes": (False, True), "prototypes+regions": (True, True), "regions": (True, False)}
+    known = {"prototypes": (False, True, False), "prototypes+regions": (True, True, False),
+             "regions": (True, False, False), "refiner": (False, False, True), "refiner+regions": (True, False, True)}
     methods = {m: known[m] for m in args.methods.split(",")}
+    refine_net, refiner_info = None, None
+    if any(use for _, _, use in methods.values()):
+        refine_net, refiner_info = load_refiner(args.refiner)
+        print(f"click refiner: {args.refiner} ({refiner_info.get('steps')} steps on "
+              f"{refiner_info.get('num_train_cases')} training cases)")  # fmt: skip
     per_case, seconds, vit_seconds = [], {m: [] for m in methods}, []
     for item in cases:
         d = pre(dict(item))
@@ -170,10 +187,10 @@ def main() -> None:
         refiner.set_image(image)
         vit_seconds.append(time.perf_counter() - t)
         row = {"image": Path(item["image"]).name}
-        for m, (regions, prototypes) in methods.items():
+        for m, (regions, prototypes, use_refiner) in methods.items():
             scores, secs, n_fg, n_bg = run_case(refiner, image, label, args.clicks, steps, regions, args.radius,
-                                                args.tolerance, prototypes, args.max_radius,
-                                                args.uncertain_band)  # fmt: skip
+                                                args.tolerance, prototypes, args.max_radius, args.uncertain_band,
+                                                refine_net if use_refiner else None)  # fmt: skip
             seconds[m] += secs
             row[m] = {"dice": scores, "fg": n_fg, "bg": n_bg}
         per_case.append(row)
@@ -206,6 +223,8 @@ def main() -> None:
                     "tolerance": args.tolerance,
                     "max_radius_mm": args.max_radius,
                     "uncertain_band": args.uncertain_band,
+                    "refiner": args.refiner if refine_net is not None else None,
+                    "refiner_info": refiner_info,
                 },
                 indent=2,
             )

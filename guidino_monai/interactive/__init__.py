@@ -9,20 +9,35 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 
-"""Click-based correction for guided networks, without retraining (used by the MONAI Label app)."""
+"""Click-based correction for guided networks (used by the MONAI Label app): training-free click regions and TokenBook
+prototypes, and a click-trained refiner (:class:`ClickRefinementNet`)."""
 
 from __future__ import annotations
 
 from .click_maps import apply_clicks, click_region
 from .clicks import ClickRefiner, ClickSessions, image_digest, next_click, point_to_token, world_points_to_grid
+from .refinement import (
+    ClickRefinementNet,
+    click_guidance,
+    load_refiner,
+    refine_with_clicks,
+    save_refiner,
+    simulate_clicks,
+)
 
 __all__ = [
+    "ClickRefinementNet",
     "ClickRefiner",
     "ClickSessions",
     "apply_clicks",
+    "click_guidance",
     "click_region",
     "image_digest",
+    "load_refiner",
     "next_click",
     "point_to_token",
+    "refine_with_clicks",
+    "save_refiner",
+    "simulate_clicks",
     "world_points_to_grid",
 ]

@@ -17,7 +17,8 @@ which training replaces. The repository's ``bundles/`` folder is never written t
 Where the served ``models/model.pt`` came from is recorded next to it in ``models/weights.json`` (``source``:
 ``bundle``, ``app training`` or ``random``). At every start the bundle's trained ``bundles/<bundle>/models/model.pt``
 replaces served weights that were random or an older copy of the bundle's; weights trained in the app are kept (with a
-warning naming the bundle file when that one changed). :func:`weights_status` is what ``/info/`` reports.
+warning naming the bundle file when that one changed). :func:`weights_status` is what ``/info/`` reports. The
+bundle's click refiner ``models/click_refiner.pt``, when there, is copied likewise (it is not trained in the app).
 """
 
 from __future__ import annotations
@@ -220,6 +221,12 @@ def prepare_bundle(
             " says so (train it from labels, or put trained weights there and restart)",
             name, name,
         )  # fmt: skip
+    refiner = src / "models" / "click_refiner.pt"  # the bundle's click-trained refiner (not trained in the app)
+    if refiner.is_file() and (
+        not (dst / "models" / refiner.name).is_file() or _sha256(refiner) != _sha256(dst / "models" / refiner.name)
+    ):
+        atomic_write(dst / "models" / refiner.name, lambda tmp: shutil.copyfile(refiner, tmp))
+        logger.info("%s: serving the bundle's click refiner %s", name, refiner)
     try:
         load_weights(network, served)
     except RuntimeError as e:

@@ -426,3 +426,61 @@ def test_final_label_with_unknown_values_refused_unless_guide_is_named(server):
     assert r.status_code == 200, r.text
     stored = np.asarray(nib.load(server.studies / "labels" / "final" / f"{image_id}.nii.gz").dataobj)
     assert np.array_equal(stored, truth)
+
+
+def _constant_refiner(path: Path, num_classes: int, favoured: int) -> None:
+    """A click refiner whose correction is a constant +10 for class ``favoured`` (weights zero, last bias set)."""
+    import torch
+
+    from guidino_monai.interactive import ClickRefinementNet, save_refiner
+
+    net = ClickRefinementNet(3, num_classes, channels=(4, 8), strides=(2,), num_res_units=0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        last = [m for m in net.unet.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))][-1]
+        last.bias[favoured] = 10.0
+    save_refiner(net, path, steps=7, num_train_cases=3, guide_vit="random-init")
+
+
+def test_click_refiner_is_used_when_the_bundle_has_one(server):
+    """``models/click_refiner.pt`` in the served bundle: /info/ reports it, clicks go through it (``click_method``
+    ``auto``), ``regions`` bypasses it; a broken file is named in /info/, 'auto' falls back, 'refiner' gets a 400."""
+    import requests
+
+    refiner = server.root / "model" / HIPPO / "models" / "click_refiner.pt"
+    assert not refiner.exists()
+    status = requests.get(server.url + "/info/", timeout=30).json()["models"][INTERACTIVE]["click_refiner"]
+    assert status["present"] is False and "train_refiner" in status["how"]
+    assert "click_method" in requests.get(server.url + "/info/", timeout=30).json()["models"][INTERACTIVE]["config"]
+
+    def click(method: str, output: str = "image"):
+        params = {"foreground": [[10, 12, 10]], "background": [], "click_method": method}
+        return requests.post(server.url + f"/infer/{INTERACTIVE}", params={"image": "hippocampus_001", "output": output},
+                             data={"params": json.dumps(params)}, timeout=300)  # fmt: skip
+
+    r = click("refiner", "json")
+    assert r.status_code == 400 and "no click refiner" in r.json()["detail"], r.text
+    assert click("auto", "json").json()["clicks"]["method"] == "regions"
+    regions = np.asarray(_load(click("auto").content).dataobj)
+    favoured = int(np.argmin([(regions == c).sum() for c in range(3)]))  # the class the random network gives least
+    assert (regions == favoured).mean() < 0.5
+    try:
+        _constant_refiner(refiner, 3, favoured=favoured)
+        status = requests.get(server.url + "/info/", timeout=30).json()["models"][INTERACTIVE]["click_refiner"]
+        assert status["present"] is True and status["steps"] == 7 and status["guide_vit"] == "random-init"
+        used = click("auto", "json")
+        assert used.status_code == 200 and used.json()["clicks"]["method"] == "refiner+regions", used.text
+        refined = np.asarray(_load(click("auto").content).dataobj)
+        assert (refined == favoured).mean() > 0.9  # the refiner's +10 for that class decided nearly every voxel
+        assert np.array_equal(np.asarray(_load(click("regions").content).dataobj), regions)  # 'regions' bypasses it
+        refiner.write_bytes(b"not a torch file")
+        status = requests.get(server.url + "/info/", timeout=30).json()["models"][INTERACTIVE]["click_refiner"]
+        assert status["present"] is False and "click_refiner.pt" in status["error"]
+        fallback = click("auto", "json")
+        assert fallback.status_code == 200 and fallback.json()["clicks"]["method"] == "regions"
+        assert "click_refiner.pt" in fallback.json()["clicks"]["refiner_error"]
+        bad = click("refiner", "json")
+        assert bad.status_code == 400 and "click_refiner.pt" in bad.json()["detail"], bad.text
+    finally:
+        refiner.unlink(missing_ok=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,12 +23,19 @@ import torch
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
-from guidino_monai.interactive import ClickRefiner, ClickSessions, apply_clicks, world_points_to_grid
+from guidino_monai.interactive import (
+    ClickRefiner,
+    ClickSessions,
+    apply_clicks,
+    load_refiner,
+    refine_with_clicks,
+    world_points_to_grid,
+)
 
 from ..params import bad_request, label_index, parse_points, parse_return_guide
 from .guided_bundle import GuidedBundleInferTask, guide_mode
 
-__all__ = ["GuidedInteractiveInferTask", "PROTOTYPE_MODES"]
+__all__ = ["GuidedInteractiveInferTask", "PROTOTYPE_MODES", "CLICK_METHODS", "REFINER_FILE"]
 
 #: default click settings, chosen with benchmarks/click_refinement.py on a trained hippocampus model (radius 2 mm,
 #: up to 6 mm, band 0.1: +0.005 mean Dice after 5 clicks on held-out cases; 4 / 12 mm without the band: -0.009)
@@ -35,6 +44,13 @@ DEFAULT_UNCERTAIN_BAND = "0.1"
 #: ``click_prototypes``: ``auto`` uses the clicked tokens as TokenBook prototypes only when the guide ViT has
 #: foundation-model weights (random-init tokens carry no meaning: prototypes from them move the whole guide at random)
 PROTOTYPE_MODES = ("auto", "on", "off")
+
+#: ``click_method``: ``auto`` uses the bundle's click-trained refiner when ``models/click_refiner.pt`` is there (then
+#: the click regions), else the click regions alone; ``refiner`` requires the file; ``regions`` never uses it
+CLICK_METHODS = ("auto", "refiner", "regions")
+
+#: the click refiner's file in the bundle (``python -m guidino_monai.interactive.train_refiner`` writes it)
+REFINER_FILE = "click_refiner.pt"
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +64,11 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
     is returned. An unknown label (e.g. Slicer's default ``Segment_1``) is a 400 naming the known ones; clicks outside
     the image are ignored and listed under ``clicks.outside`` in the response.
 
-    Two corrections, both without retraining:
+    With a click-trained refiner in the bundle (``models/click_refiner.pt``, written by ``python -m
+    guidino_monai.interactive.train_refiner``; :class:`guidino_monai.interactive.ClickRefinementNet`), the
+    segmentation is first corrected by it from all clicks of the request (``click_method: auto`` or ``refiner``);
+    ``/info/`` says whether the file is there and how it was trained (``click_refiner``). Then two corrections
+    without retraining:
 
     1. the clicked voxels' DINO tokens become extra positive/negative prototypes of the TokenBook for this image, the
        guide is recomputed and the segmentation re-run (:class:`guidino_monai.interactive.ClickRefiner`); with
@@ -83,12 +103,49 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         self.click_tolerance = float((conf or {}).get("click_tolerance", 1.0))
         band = str((conf or {}).get("click_uncertain_band", DEFAULT_UNCERTAIN_BAND)).lower()
         self.click_uncertain_band = None if band in ("none", "off", "") else float(band)
+        self._config["click_method"] = list(CLICK_METHODS)
+        self.refiner_path = Path(self.bundle_path) / "models" / REFINER_FILE if self.valid else None
+        self._refiner: tuple[float, Any, dict[str, Any]] | None = None  # (mtime, network, info)
+        self._refiner_lock = threading.Lock()
         self.sessions = ClickSessions(self._make_refiner, max_sessions=max_sessions)
         self.stats = {"vit_passes": 0, "refinements": 0}
         self._data: dict[str, Any] = {}
 
     def is_valid(self) -> bool:
         return self.valid
+
+    def click_refiner(self) -> tuple[Any, dict[str, Any]] | None:
+        """The bundle's click refiner ``(network, info)``, reloaded when its file changed; ``None`` without the file.
+
+        Raises:
+            ValueError: the file is there but is not a click refiner (naming it).
+        """
+        path = self.refiner_path
+        if path is None or not path.is_file():
+            return None
+        mtime = path.stat().st_mtime
+        with self._refiner_lock:
+            if self._refiner is None or self._refiner[0] != mtime:
+                net, info = load_refiner(path)
+                self._refiner = (mtime, net, info)
+            return self._refiner[1], self._refiner[2]
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        status: dict[str, Any] = {"file": str(self.refiner_path), "present": False}
+        try:
+            refiner = self.click_refiner()
+        except ValueError as e:
+            status["error"] = str(e)
+            refiner = None
+        if refiner is not None:
+            keep = ("steps", "seconds", "num_train_cases", "demo", "guide_vit", "weights", "max_clicks")
+            status.update(present=True, **{k: v for k, v in refiner[1].items() if k in keep})
+        else:
+            status["how"] = ("python -m guidino_monai.interactive.train_refiner --bundle_dir <bundle> --dataset_dir "
+                             "<data> writes it; without it clicks use the training-free click regions")  # fmt: skip
+        info["click_refiner"] = status
+        return info
 
     def check_request(self, request: dict[str, Any]) -> dict[str, Any]:
         """Check ``return_guide``, ``label`` and the click lists (400 naming the bad one)."""
@@ -99,6 +156,14 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         if str(mode).lower() not in PROTOTYPE_MODES:
             raise bad_request(f"click_prototypes: {mode!r} is not one of {list(PROTOTYPE_MODES)}")
         request["click_prototypes"] = str(mode).lower()
+        method = request.get("click_method", "auto")
+        method = method[0] if isinstance(method, list) and method else method
+        if str(method).lower() not in CLICK_METHODS:
+            raise bad_request(f"click_method: {method!r} is not one of {list(CLICK_METHODS)}")
+        request["click_method"] = str(method).lower()
+        if request["click_method"] == "refiner" and (self.refiner_path is None or not self.refiner_path.is_file()):
+            raise bad_request(f"click_method 'refiner': the bundle has no click refiner ({self.refiner_path}); train "
+                              "one with python -m guidino_monai.interactive.train_refiner, or use 'auto'")  # fmt: skip
         label_index(request.get("label"), self.labels or {})
         for name in ("foreground", "background"):
             request[name] = parse_points(request.get(name), name, self.dimension)
@@ -149,6 +214,21 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         spacing = None
         if isinstance(image, MetaTensor):
             spacing = [float(v) for v in image.pixdim[: self.dimension]]
+        method = data.get("click_method", "auto")
+        refiner, refiner_error = None, None
+        if method in ("auto", "refiner") and (fg or bg):
+            try:
+                refiner = self.click_refiner()
+            except ValueError as e:  # a broken file: 'auto' falls back to the regions and says why
+                if method == "refiner":
+                    raise bad_request(str(e)) from e
+                refiner_error = str(e)
+                logger.warning("click refiner not used: %s", e)
+        if refiner is not None:
+            clicks = [(p, self._click_class(probs, p, idx)) for p in fg] + [(p, 0) for p in bg]
+            plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(np.asarray(image))
+            refined = refine_with_clicks(refiner[0], plain[None].float().cpu(), torch.from_numpy(probs)[None], clicks)
+            probs = refined[0].numpy()
         probs = apply_clicks(probs, intensities, fg, bg, label=idx, radius=self.click_radius,
                              tolerance=self.click_tolerance, spacing=spacing,
                              max_radius=self.click_max_radius, uncertain_band=self.click_uncertain_band)  # fmt: skip
@@ -158,13 +238,24 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
             pred.copy_meta_from(image)
         data[self.output_label_key] = pred
         data["clicks_report"] = {"foreground": len(fg), "background": len(bg), "outside": outside,
-                                 "vit_passes": self.sessions.vit_passes}  # fmt: skip
+                                 "vit_passes": self.sessions.vit_passes,
+                                 "method": "refiner+regions" if refiner is not None else "regions"}  # fmt: skip
+        if refiner_error:
+            data["clicks_report"]["refiner_error"] = refiner_error
         if guide_mode(data) != "none":
             g = MetaTensor(guide[0])
             if isinstance(image, MetaTensor):
                 g.copy_meta_from(image)
             data["guide"] = g
         return data
+
+    @staticmethod
+    def _click_class(probs: np.ndarray, point: list[float], idx: int | None) -> int:
+        """A foreground click's class: the request's label, else the most probable foreground class there."""
+        if idx is not None:
+            return int(idx)
+        at = tuple(int(min(max(round(v), 0), s - 1)) for v, s in zip(point, probs.shape[1:]))
+        return 1 + int(np.argmax(probs[(slice(1, None),) + at]))
 
     def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
         idx = label_index(data.get("label"), self.labels or {})
