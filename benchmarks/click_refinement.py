@@ -72,6 +72,7 @@ def run_case(
     max_radius: float | None = 12.0,
     uncertain_band: float | None = None,
     refine_net: ClickRefinementNet | None = None,
+    reach: float | None = 4.0,
 ) -> tuple[dict[int, float], list[float], int, int]:
     """Simulated clicks on one case: ``(Dice per step, seconds per click, foreground clicks, background clicks)``."""
     intensities = image[0, 0].numpy()
@@ -82,7 +83,8 @@ def run_case(
         probs = torch.softmax(logits[0].float(), 0).numpy()
         if refine_net is not None and history:  # channel: the true class for a foreground click, 0 for a background one
             clicks = [(point, lab if is_fg else 0) for point, is_fg, lab in history]
-            probs = refine_with_clicks(refine_net, image, torch.from_numpy(probs)[None], clicks)[0].numpy()
+            probs = refine_with_clicks(refine_net, image, torch.from_numpy(probs)[None], clicks,
+                                       reach=reach)[0].numpy()
         if regions:
             for point, is_fg, lab in history:  # in click order: a later click wins where regions overlap
                 probs = apply_clicks(probs, intensities, [point] if is_fg else [], [] if is_fg else [point], label=lab,
@@ -131,11 +133,15 @@ def main() -> None:
     ap.add_argument("--methods", default="prototypes,prototypes+regions,regions")
     ap.add_argument("--refiner", default=str(BUNDLE / "models" / "click_refiner.pt"),
                     help="click refiner weights for the refiner methods")  # fmt: skip
+    ap.add_argument("--reach", type=float, default=4.0,
+                    help="refine_with_clicks' reach for the refiner methods (voxels; the app's default; -1: global)")
     ap.add_argument("--max_radius", type=float, default=6.0, help="largest click region radius (mm)")
     ap.add_argument("--uncertain_band", type=float, default=0.1,
                     help="apply_clicks' uncertain_band for the methods with regions (the app's default; -1: off)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.reach < 0:
+        args.reach = None
     if args.uncertain_band is not None and args.uncertain_band < 0:
         args.uncertain_band = None
     torch.set_num_threads(args.threads)
@@ -190,7 +196,7 @@ def main() -> None:
         for m, (regions, prototypes, use_refiner) in methods.items():
             scores, secs, n_fg, n_bg = run_case(refiner, image, label, args.clicks, steps, regions, args.radius,
                                                 args.tolerance, prototypes, args.max_radius, args.uncertain_band,
-                                                refine_net if use_refiner else None)  # fmt: skip
+                                                refine_net if use_refiner else None, args.reach)  # fmt: skip
             seconds[m] += secs
             row[m] = {"dice": scores, "fg": n_fg, "bg": n_bg}
         per_case.append(row)
@@ -225,6 +231,7 @@ def main() -> None:
                     "uncertain_band": args.uncertain_band,
                     "refiner": args.refiner if refine_net is not None else None,
                     "refiner_info": refiner_info,
+                    "reach": args.reach,
                 },
                 indent=2,
             )

@@ -51,6 +51,9 @@ __all__ = [
 #: Gaussian width of a click in the click maps (voxels of the network's grid)
 DEFAULT_SIGMA = 2.0
 
+#: how far a click's correction reaches (Gaussian width in voxels of the network's grid; see :func:`refine_with_clicks`)
+DEFAULT_REACH = 4.0
+
 
 def click_guidance(
     shape: Sequence[int], clicks: Sequence[tuple[Sequence[float], int]], num_classes: int, sigma: float = DEFAULT_SIGMA
@@ -179,9 +182,14 @@ def refine_with_clicks(
     clicks: Sequence[tuple[Sequence[float], int]],
     sigma: float = DEFAULT_SIGMA,
     roi_size: Sequence[int] | None = None,
+    reach: float | None = DEFAULT_REACH,
 ) -> torch.Tensor:
     """Corrected probabilities ``(1, C, *spatial)`` for one image ``(1, 1, *spatial)``, the probabilities to correct
-    ``(1, C, *spatial)`` and all clicks so far (``(point, channel)`` on that grid). No clicks: ``probs`` unchanged."""
+    ``(1, C, *spatial)`` and all clicks so far (``(point, channel)`` on that grid). No clicks: ``probs`` unchanged.
+
+    ``reach`` (voxels): the correction is blended in with a Gaussian weight of that width around the clicks (1 at a
+    click), so a click changes its neighbourhood and leaves the rest of the segmentation as it was; ``None``: the
+    refiner's output everywhere."""
     if not clicks:
         return probs
     guidance = torch.from_numpy(click_guidance(image.shape[2:], clicks, probs.shape[1], sigma)).to(probs)[None]
@@ -197,4 +205,8 @@ def refine_with_clicks(
     if roi_size is None:  # whole image, padded to what the UNet's strides divide
         roi_size = [int(np.ceil(s / factor) * factor) for s in shape]
     logits = sliding_window_inference(x, roi_size, 1, run, overlap=0.25, mode="gaussian", padding_mode="replicate")
-    return torch.softmax(logits.float(), dim=1)
+    refined = torch.softmax(logits.float(), dim=1)
+    if reach is None:
+        return refined
+    near = torch.from_numpy(click_guidance(shape, [(p, 0) for p, _ in clicks], 1, reach)).to(refined)[None]
+    return near * refined + (1 - near) * probs.float()

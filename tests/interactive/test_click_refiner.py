@@ -61,8 +61,14 @@ def test_refiner_without_clicks_returns_the_segmentation_and_is_residual():
     with torch.no_grad():
         for p in net.unet.parameters():
             p.zero_()  # a zero correction: the output is the input segmentation
-    out = refine_with_clicks(net, image, probs, [([3, 3], 1)])
+    out = refine_with_clicks(net, image, probs, [([3, 3], 1)], reach=None)
     assert torch.allclose(out, probs.clamp_min(1e-4) / probs.clamp_min(1e-4).sum(1, keepdim=True), atol=1e-5)
+    with torch.no_grad():
+        last = [m for m in net.unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+        last.bias.copy_(torch.tensor([0.0, 20.0, 0.0]))  # a correction towards class 1 everywhere
+    local = refine_with_clicks(net, image, probs, [([3, 3], 1)], reach=2.0)
+    assert local[0, 1, 3, 3] > 0.99  # at the click the correction decides
+    assert torch.allclose(local[..., 12:, 12:], probs[..., 12:, 12:], atol=1e-4)  # far from it nothing changes
     with pytest.raises(ValueError, match="3 probability"):
         net(image, probs[:, :2], probs)
 
