@@ -20,7 +20,10 @@ predicted there). Two methods are compared on the same clicks' rule, each with i
 - ``refiner``: the bundle's click-trained refiner (``--refiner``, :class:`guidino_monai.interactive.ClickRefinementNet`,
   trained with ``python -m guidino_monai.interactive.train_refiner``) corrects the network's segmentation from all
   clicks so far (what the app serves when ``models/click_refiner.pt`` is present);
-- ``refiner+regions``: the refiner, then the click regions.
+- ``refiner+regions``: the refiner, then the click regions;
+- ``oracle``: not a method but the ceiling of every *local* correction: the true label is pasted into a ball of
+  ``--oracle_radius`` voxels around each click so far (a perfect correction of the clicked neighbourhood, nothing
+  changed elsewhere). A goal above the oracle at a given radius cannot be met by a correction of that reach.
 
 ``--methods`` picks some of them.
 
@@ -73,6 +76,7 @@ def run_case(
     uncertain_band: float | None = None,
     refine_net: ClickRefinementNet | None = None,
     reach: float | None = 4.0,
+    oracle_radius: float | None = None,
 ) -> tuple[dict[int, float], list[float], int, int]:
     """Simulated clicks on one case: ``(Dice per step, seconds per click, foreground clicks, background clicks)``."""
     intensities = image[0, 0].numpy()
@@ -91,6 +95,11 @@ def run_case(
                                      radius=radius, tolerance=tolerance, max_radius=max_radius,
                                      uncertain_band=uncertain_band)  # fmt: skip
         pred = probs.argmax(0)
+        if oracle_radius is not None and history:  # the upper bound: the truth in a ball around every click
+            grid = np.indices(pred.shape)
+            for point, _, _ in history:
+                ball = sum((grid[i] - point[i]) ** 2 for i in range(pred.ndim)) <= oracle_radius**2
+                pred[ball] = label[ball]
         if k > 0:
             seconds.append(time.perf_counter() - t)
         if k in steps:
@@ -135,6 +144,8 @@ def main() -> None:
                     help="click refiner weights for the refiner methods")  # fmt: skip
     ap.add_argument("--reach", type=float, default=4.0,
                     help="refine_with_clicks' reach for the refiner methods (voxels; the app's default; -1: global)")
+    ap.add_argument("--oracle_radius", type=float, nargs="+", default=[4.0],
+                    help="ball radii (voxels) of the oracle method; each radius is its own column (oracle_r<R>)")
     ap.add_argument("--max_radius", type=float, default=6.0, help="largest click region radius (mm)")
     ap.add_argument("--uncertain_band", type=float, default=0.1,
                     help="apply_clicks' uncertain_band for the methods with regions (the app's default; -1: off)")
@@ -178,7 +189,15 @@ def main() -> None:
     steps = sorted({0, 1, 3, args.clicks} & set(range(args.clicks + 1)))
     known = {"prototypes": (False, True, False), "prototypes+regions": (True, True, False),
              "regions": (True, False, False), "refiner": (False, False, True), "refiner+regions": (True, False, True)}
-    methods = {m: known[m] for m in args.methods.split(",")}
+    oracles = {}
+    methods = {}
+    for m in args.methods.split(","):
+        if m == "oracle":
+            for r in args.oracle_radius:
+                oracles[f"oracle_r{r:g}"] = r
+                methods[f"oracle_r{r:g}"] = (False, False, False)
+        else:
+            methods[m] = known[m]
     refine_net, refiner_info = None, None
     if any(use for _, _, use in methods.values()):
         refine_net, refiner_info = load_refiner(args.refiner)
@@ -196,7 +215,8 @@ def main() -> None:
         for m, (regions, prototypes, use_refiner) in methods.items():
             scores, secs, n_fg, n_bg = run_case(refiner, image, label, args.clicks, steps, regions, args.radius,
                                                 args.tolerance, prototypes, args.max_radius, args.uncertain_band,
-                                                refine_net if use_refiner else None, args.reach)  # fmt: skip
+                                                refine_net if use_refiner else None, args.reach,
+                                                oracles.get(m))  # fmt: skip
             seconds[m] += secs
             row[m] = {"dice": scores, "fg": n_fg, "bg": n_bg}
         per_case.append(row)
@@ -232,6 +252,7 @@ def main() -> None:
                     "refiner": args.refiner if refine_net is not None else None,
                     "refiner_info": refiner_info,
                     "reach": args.reach,
+                    "oracle_radius_voxels": oracles,
                 },
                 indent=2,
             )

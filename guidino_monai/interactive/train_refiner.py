@@ -40,7 +40,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .refinement import DEFAULT_SIGMA, ClickRefinementNet, click_guidance, save_refiner, simulate_clicks
+from .clicks import next_click
+from .refinement import DEFAULT_REACH, DEFAULT_SIGMA, ClickRefinementNet, click_guidance, save_refiner, \
+    simulate_clicks
 
 __all__ = ["prepare_cases", "train_refiner", "main"]
 
@@ -120,19 +122,48 @@ def _perturbed(label: np.ndarray, num_classes: int, rng: np.random.Generator) ->
     return 0.9 * probs + 0.1 / num_classes
 
 
-def _batch(cases, indices, max_clicks, perturb, sigma, num_classes, rng, shape):
-    images, probs, guides, labels = [], [], [], []
-    for i in indices:
+def _batch(cases, indices, max_clicks, perturb, rng, shape, num_clicks=None):
+    """Padded images, segmentations to correct, labels, and each case's simulated clicks (``num_clicks[j]``, else
+    0 to ``max_clicks``) with its unpadded shape."""
+    images, probs, labels, clicks, shapes = [], [], [], [], []
+    for j, i in enumerate(indices):
         case = cases[i]
-        p = _perturbed(case["label"], num_classes, rng) if rng.random() < perturb else case["probs"]
-        clicks = simulate_clicks(p.argmax(0), case["label"], int(rng.integers(0, max_clicks + 1)), rng)
+        p = _perturbed(case["label"], case["probs"].shape[0], rng) if rng.random() < perturb else case["probs"]
+        n = int(rng.integers(0, max_clicks + 1)) if num_clicks is None else int(num_clicks[j])
+        clicks.append(simulate_clicks(p.argmax(0), case["label"], n, rng))
+        shapes.append(case["label"].shape)
         pad = [(0, s - c) for s, c in zip(shape, case["label"].shape)]
         images.append(np.pad(case["image"], [(0, 0)] + pad, mode="edge"))
         probs.append(np.pad(p, [(0, 0)] + pad, mode="edge"))
-        guides.append(np.pad(click_guidance(case["label"].shape, clicks, num_classes, sigma), [(0, 0)] + pad))
         labels.append(np.pad(case["label"], pad))
-    return (torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(probs)), torch.from_numpy(np.stack(guides)),
-            torch.from_numpy(np.stack(labels)))  # fmt: skip
+    return (torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(probs)), torch.from_numpy(np.stack(labels)),
+            clicks, shapes)  # fmt: skip
+
+
+def _guidance(clicks, shapes, shape, num_classes, sigma) -> torch.Tensor:
+    maps = []
+    for c, s in zip(clicks, shapes):
+        pad = [(0, 0)] + [(0, t - u) for t, u in zip(shape, s)]
+        maps.append(np.pad(click_guidance(s, c, num_classes, sigma), pad))
+    return torch.from_numpy(np.stack(maps))
+
+
+@torch.no_grad()
+def _click_on_own_output(net, image, probs, label, clicks, shapes, num_classes, sigma, reach) -> None:
+    """One more click per case at the largest error of the refiner's current answer (as the app serves it: blended
+    with ``reach`` around the clicks), the way a user clicks on what the refiner returned (DeepEdit's click loop)."""
+    guide = _guidance(clicks, shapes, image.shape[2:], num_classes, sigma)
+    soft = torch.softmax(net(image, probs, guide).float(), 1)
+    for b, (c, s) in enumerate(zip(clicks, shapes)):
+        crop = (slice(None),) + tuple(slice(0, t) for t in s)
+        answer = soft[b][crop]
+        if reach is not None:
+            near = torch.from_numpy(click_guidance(s, [(p, 0) for p, _ in c], 1, reach)) if c else torch.zeros(1, *s)
+            answer = near * answer + (1 - near) * probs[b][crop].float()
+        truth = label[b][crop[1:]].numpy()
+        click = next_click(answer.argmax(0).numpy(), truth)
+        if click is not None:
+            c.append((click[0], int(truth[tuple(click[0])])))
 
 
 def train_refiner(
@@ -147,12 +178,17 @@ def train_refiner(
     max_steps: int | None = None,
     log_every: int = 50,
     network_kwargs: dict[str, Any] | None = None,
+    iterative: float = 0.0,
+    reach: float | None = DEFAULT_REACH,
 ) -> tuple[ClickRefinementNet, dict[str, Any]]:
     """Train a :class:`ClickRefinementNet` on ``cases`` (:func:`prepare_cases`) for ``minutes`` (or ``max_steps``).
 
     Whole images are used, padded to the largest case (rounded up to the UNet's stride product). ``network_kwargs``:
-    ``channels``, ``strides``, ``num_res_units`` of :class:`ClickRefinementNet`. Returns the network (eval mode) and a
-    summary (steps, seconds, first and last logged losses).
+    ``channels``, ``strides``, ``num_res_units`` of :class:`ClickRefinementNet`. ``iterative``: the fraction of steps
+    whose last 1 to ``max_clicks`` clicks are placed on the refiner's own answer (blended with ``reach``, as
+    :func:`~guidino_monai.interactive.refine_with_clicks` serves it), one forward pass per click, instead of all on
+    the segmentation to correct: what a user does, each click answering the previous correction. Returns the network
+    (eval mode) and a summary (steps, seconds, first and last logged losses).
     """
     if not cases:
         raise ValueError("no training cases for the click refiner.")
@@ -174,7 +210,15 @@ def train_refiner(
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
         idx = rng.choice(len(cases), size=min(batch_size, len(cases)), replace=False)
-        image, probs, guide, label = _batch(cases, idx, max_clicks, perturb, sigma, num_classes, rng, shape)
+        if iterative > 0 and max_clicks > 0 and rng.random() < iterative:
+            rounds = int(rng.integers(1, max_clicks + 1))
+            first = rng.integers(0, max_clicks - rounds + 1, size=len(idx))
+            image, probs, label, clicks, shapes = _batch(cases, idx, max_clicks, perturb, rng, shape, first)
+            for _ in range(rounds):
+                _click_on_own_output(net, image, probs, label, clicks, shapes, num_classes, sigma, reach)
+        else:
+            image, probs, label, clicks, shapes = _batch(cases, idx, max_clicks, perturb, rng, shape)
+        guide = _guidance(clicks, shapes, shape, num_classes, sigma)
         logits = net(image, probs, guide)
         onehot = F.one_hot(label, num_classes).movedim(-1, 1).float()
         soft = torch.softmax(logits, 1)
@@ -192,7 +236,8 @@ def train_refiner(
     net.eval()
     window = max(1, min(log_every, len(losses) // 4 or 1))
     summary = {"steps": step, "seconds": round(time.perf_counter() - start, 1), "batch_size": batch_size,
-               "max_clicks": max_clicks, "perturb": perturb, "sigma": sigma, "seed": seed,
+               "max_clicks": max_clicks, "perturb": perturb, "sigma": sigma, "seed": seed, "iterative": iterative,
+               "reach": reach,
                "first_loss": float(np.mean(losses[:window])) if losses else None,
                "last_loss": float(np.mean(losses[-window:])) if losses else None}  # fmt: skip
     return net, summary
@@ -211,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch_size", type=int, default=4)
     ap.add_argument("--perturb", type=float, default=0.3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--iterative", type=float, default=0.0, help="fraction of steps whose last clicks go to the "
+                    "refiner's own answer (DeepEdit's click loop)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="the bundle network was trained with a depth-2 guide ViT at "
                     "guide_size 56 (quick CPU runs and tests)")  # fmt: skip
@@ -226,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"({'demo' if info['demo'] else 'real'} data: {info['dataset_dir']}; bundle network's guide ViT "
                 f"{info['guide_vit']})")  # fmt: skip
     net, summary = train_refiner(cases, args.minutes, args.max_clicks, args.batch_size, perturb=args.perturb,
-                                 seed=args.seed, max_steps=args.max_steps)  # fmt: skip
+                                 seed=args.seed, max_steps=args.max_steps, iterative=args.iterative)  # fmt: skip
     out = Path(args.out) if args.out else bundle_dir / "models" / "click_refiner.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_refiner(net, out, **info, **summary)

@@ -18,7 +18,7 @@ from guidino_monai.interactive import (
     save_refiner,
     simulate_clicks,
 )
-from guidino_monai.interactive.train_refiner import train_refiner
+from guidino_monai.interactive.train_refiner import _click_on_own_output, train_refiner
 
 
 def test_click_guidance_blobs_per_channel():
@@ -129,6 +129,54 @@ def test_training_with_simulated_clicks_makes_a_click_correct_the_miss():
         before.append(_dice(base, case["label"]))
         after.append(_dice(out[0].numpy().argmax(0), case["label"]))
     assert np.mean(after) > np.mean(before) + 0.1, (before, after)
+
+
+def test_click_loop_clicks_on_the_refiners_own_answer():
+    """Iterative training's click goes to the largest error of what the refiner returns (blended as served), not of
+    the segmentation it was given: with the correction zeroed the answer is the given segmentation, with a correction
+    that fixes the wedge the next click moves elsewhere."""
+    case = _disc_case(np.random.default_rng(3))
+    net = ClickRefinementNet(2, 2, channels=(8, 16), strides=(2,), num_res_units=0)
+    for prm in net.parameters():
+        torch.nn.init.zeros_(prm)  # residual 0: the answer is the segmentation to correct
+    image, probs = torch.from_numpy(case["image"])[None], torch.from_numpy(case["probs"])[None]
+    label = torch.from_numpy(case["label"])[None]
+    base = next_click(case["probs"].argmax(0), case["label"])
+    clicks = [[]]
+    _click_on_own_output(net, image, probs, label, clicks, [case["label"].shape], 2, 2.0, None)
+    assert clicks == [[(base[0], 1)]]
+    # a "refiner" that knows the label: its answer has no error left where it reaches (reach None: everywhere)
+    perfect = torch.from_numpy(np.stack([1.0 - case["label"], case["label"]]).astype(np.float32))[None]
+    clicks = [[]]
+    _click_on_own_output(net, image, perfect, label, clicks, [case["label"].shape], 2, 2.0, None)
+    assert clicks == [[]]  # no error: no click
+    clicks = [[(base[0], 1)]]
+    _click_on_own_output(net, image, probs, label, clicks, [case["label"].shape], 2, 2.0, 4.0)
+    assert len(clicks[0]) == 2 and clicks[0][0] == (base[0], 1)
+
+
+def test_iterative_training_runs_the_refiner_for_its_clicks():
+    rng = np.random.default_rng(0)
+    cases = [_disc_case(rng) for _ in range(6)]
+    small = {"channels": (8, 16), "strides": (2,), "num_res_units": 0}
+    calls = []
+    original = ClickRefinementNet.forward
+
+    def counting(self, *a):
+        calls.append(torch.is_grad_enabled())
+        return original(self, *a)
+
+    ClickRefinementNet.forward = counting
+    try:
+        _, summary = train_refiner(cases, minutes=10, max_clicks=3, batch_size=2, perturb=0.0, max_steps=4,
+                                   network_kwargs=small, iterative=1.0)  # fmt: skip
+        assert summary["iterative"] == 1.0 and summary["steps"] == 4
+        assert calls.count(True) == 4 and calls.count(False) >= 4  # 1-3 click passes without gradient per step
+        calls.clear()
+        train_refiner(cases, minutes=10, max_clicks=3, batch_size=2, perturb=0.0, max_steps=4, network_kwargs=small)
+        assert calls == [True] * 4  # the default: clicks from the given segmentation only
+    finally:
+        ClickRefinementNet.forward = original
 
 
 def test_train_refiner_command_writes_a_loadable_refiner(tmp_path):
