@@ -41,6 +41,7 @@ from monai.networks.nets import UNet
 
 __all__ = [
     "ClickRefinementNet",
+    "blend_near_clicks",
     "click_guidance",
     "load_refiner",
     "refine_with_clicks",
@@ -205,8 +206,18 @@ def refine_with_clicks(
     if roi_size is None:  # whole image, padded to what the UNet's strides divide
         roi_size = [int(np.ceil(s / factor) * factor) for s in shape]
     logits = sliding_window_inference(x, roi_size, 1, run, overlap=0.25, mode="gaussian", padding_mode="replicate")
-    refined = torch.softmax(logits.float(), dim=1)
+    return blend_near_clicks(torch.softmax(logits.float(), dim=1), probs, clicks, reach)
+
+
+def blend_near_clicks(
+    refined: torch.Tensor, probs: torch.Tensor, clicks: Sequence[tuple[Sequence[float], int]], reach: float | None
+) -> torch.Tensor:
+    """``refined`` within a Gaussian weight of width ``reach`` voxels around ``clicks`` (1 at a click), ``probs``
+    elsewhere; both ``(B, C, *spatial)`` or ``(C, *spatial)``. ``reach`` ``None``: ``refined`` everywhere."""
     if reach is None:
         return refined
-    near = torch.from_numpy(click_guidance(shape, [(p, 0) for p, _ in clicks], 1, reach)).to(refined)[None]
+    if not clicks:
+        return probs.float()
+    shape = refined.shape[-len(clicks[0][0]) :]
+    near = torch.from_numpy(click_guidance(shape, [(p, 0) for p, _ in clicks], 1, reach)).to(refined)  # (1, *shape)
     return near * refined + (1 - near) * probs.float()

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from .clicks import next_click
-from .refinement import DEFAULT_REACH, DEFAULT_SIGMA, ClickRefinementNet, click_guidance, save_refiner, \
-    simulate_clicks
+from .refinement import DEFAULT_REACH, DEFAULT_SIGMA, ClickRefinementNet, blend_near_clicks, click_guidance, \
+    save_refiner, simulate_clicks
 
 __all__ = ["prepare_cases", "train_refiner", "main"]
 
@@ -156,10 +156,7 @@ def _click_on_own_output(net, image, probs, label, clicks, shapes, num_classes, 
     soft = torch.softmax(net(image, probs, guide).float(), 1)
     for b, (c, s) in enumerate(zip(clicks, shapes)):
         crop = (slice(None),) + tuple(slice(0, t) for t in s)
-        answer = soft[b][crop]
-        if reach is not None:
-            near = torch.from_numpy(click_guidance(s, [(p, 0) for p, _ in c], 1, reach)) if c else torch.zeros(1, *s)
-            answer = near * answer + (1 - near) * probs[b][crop].float()
+        answer = blend_near_clicks(soft[b][crop], probs[b][crop], c, reach)
         truth = label[b][crop[1:]].numpy()
         click = next_click(answer.argmax(0).numpy(), truth)
         if click is not None:
