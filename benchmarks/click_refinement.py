@@ -49,6 +49,7 @@ from monai.bundle import ConfigParser
 from guidino_monai.bundle import prepare_datalists
 from guidino_monai.interactive import ClickRefinementNet, ClickRefiner, apply_clicks, load_refiner, next_click, \
     refine_with_clicks
+from guidino_monai.interactive.refinement import DEFAULT_REACH
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "guidino_hippocampus_mri_segmentation"
 
@@ -142,8 +143,9 @@ def main() -> None:
     ap.add_argument("--methods", default="prototypes,prototypes+regions,regions")
     ap.add_argument("--refiner", default=str(BUNDLE / "models" / "click_refiner.pt"),
                     help="click refiner weights for the refiner methods")  # fmt: skip
-    ap.add_argument("--reach", type=float, default=4.0,
-                    help="refine_with_clicks' reach for the refiner methods (voxels; the app's default; -1: global)")
+    ap.add_argument("--reach", type=float, default=None,
+                    help="refine_with_clicks' reach for the refiner methods (voxels; default: the refiner file's own, "
+                    "as the app serves it; -1: global)")  # fmt: skip
     ap.add_argument("--oracle_radius", type=float, nargs="+", default=[4.0],
                     help="ball radii (voxels) of the oracle method; each radius is its own column (oracle_r<R>)")
     ap.add_argument("--max_radius", type=float, default=6.0, help="largest click region radius (mm)")
@@ -151,8 +153,6 @@ def main() -> None:
                     help="apply_clicks' uncertain_band for the methods with regions (the app's default; -1: off)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.reach < 0:
-        args.reach = None
     if args.uncertain_band is not None and args.uncertain_band < 0:
         args.uncertain_band = None
     torch.set_num_threads(args.threads)
@@ -201,8 +201,12 @@ def main() -> None:
     refine_net, refiner_info = None, None
     if any(use for _, _, use in methods.values()):
         refine_net, refiner_info = load_refiner(args.refiner)
+        if args.reach is None:  # as the app serves it
+            args.reach = refiner_info.get("reach", DEFAULT_REACH)
         print(f"click refiner: {args.refiner} ({refiner_info.get('steps')} steps on "
-              f"{refiner_info.get('num_train_cases')} training cases)")  # fmt: skip
+              f"{refiner_info.get('num_train_cases')} training cases, reach {args.reach})")  # fmt: skip
+    if args.reach is not None and args.reach < 0:
+        args.reach = None
     per_case, seconds, vit_seconds = [], {m: [] for m in methods}, []
     for item in cases:
         d = pre(dict(item))

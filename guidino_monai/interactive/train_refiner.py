@@ -163,6 +163,13 @@ def _click_on_own_output(net, image, probs, label, clicks, shapes, num_classes, 
             c.append((click[0], int(truth[tuple(click[0])])))
 
 
+def _soft_dice_loss(soft: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """1 - mean foreground soft Dice of ``(B, C, *spatial)`` probabilities against the one-hot label."""
+    axes = tuple(range(2, soft.ndim))
+    dice = (2 * (soft * onehot).sum(axes) + 1e-5) / (soft.sum(axes) + onehot.sum(axes) + 1e-5)
+    return 1 - dice[:, 1:].mean()
+
+
 def train_refiner(
     cases: list[dict[str, np.ndarray]],
     minutes: float,
@@ -177,6 +184,7 @@ def train_refiner(
     network_kwargs: dict[str, Any] | None = None,
     iterative: float = 0.0,
     reach: float | None = DEFAULT_REACH,
+    focus: float = 0.0,
 ) -> tuple[ClickRefinementNet, dict[str, Any]]:
     """Train a :class:`ClickRefinementNet` on ``cases`` (:func:`prepare_cases`) for ``minutes`` (or ``max_steps``).
 
@@ -184,7 +192,10 @@ def train_refiner(
     ``channels``, ``strides``, ``num_res_units`` of :class:`ClickRefinementNet`. ``iterative``: the fraction of steps
     whose last 1 to ``max_clicks`` clicks are placed on the refiner's own answer (blended with ``reach``, as
     :func:`~guidino_monai.interactive.refine_with_clicks` serves it), one forward pass per click, instead of all on
-    the segmentation to correct: what a user does, each click answering the previous correction. Returns the network
+    the segmentation to correct: what a user does, each click answering the previous correction. ``focus``: the
+    weight of the loss on the answer as it is served (the correction blended in within ``reach`` of the clicks, the
+    segmentation to correct elsewhere), ``1 - focus`` on the refiner's whole-image output; with ``focus`` the network
+    spends itself where its correction is used. Returns the network
     (eval mode) and a summary (steps, seconds, first and last logged losses).
     """
     if not cases:
@@ -219,9 +230,12 @@ def train_refiner(
         logits = net(image, probs, guide)
         onehot = F.one_hot(label, num_classes).movedim(-1, 1).float()
         soft = torch.softmax(logits, 1)
-        axes = tuple(range(2, 2 + dims))
-        dice = 1 - ((2 * (soft * onehot).sum(axes) + 1e-5) / (soft.sum(axes) + onehot.sum(axes) + 1e-5))[:, 1:].mean()
-        loss = F.cross_entropy(logits, label) + dice
+        loss = F.cross_entropy(logits, label) + _soft_dice_loss(soft, onehot)
+        if focus > 0 and reach is not None:  # the answer as served: the correction blended in near the clicks only
+            near = _guidance([[(p, 0) for p, _ in c] for c in clicks], shapes, shape, 1, reach)
+            served = near * soft + (1 - near) * probs
+            served_loss = F.nll_loss(torch.log(served.clamp_min(1e-6)), label) + _soft_dice_loss(served, onehot)
+            loss = (1 - focus) * loss + focus * served_loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -234,7 +248,7 @@ def train_refiner(
     window = max(1, min(log_every, len(losses) // 4 or 1))
     summary = {"steps": step, "seconds": round(time.perf_counter() - start, 1), "batch_size": batch_size,
                "max_clicks": max_clicks, "perturb": perturb, "sigma": sigma, "seed": seed, "iterative": iterative,
-               "reach": reach,
+               "reach": reach, "focus": focus,
                "first_loss": float(np.mean(losses[:window])) if losses else None,
                "last_loss": float(np.mean(losses[-window:])) if losses else None}  # fmt: skip
     return net, summary
@@ -255,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--iterative", type=float, default=0.0, help="fraction of steps whose last clicks go to the "
                     "refiner's own answer (DeepEdit's click loop)")  # fmt: skip
+    ap.add_argument("--reach", type=float, default=DEFAULT_REACH, help="how far a click's correction reaches as "
+                    "it is served (Gaussian width, voxels; saved in the file, the app serves it so)")  # fmt: skip
+    ap.add_argument("--focus", type=float, default=0.0, help="weight of the loss on the answer as served (blended "
+                    "within --reach of the clicks); the rest on the whole-image output")  # fmt: skip
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tiny", action="store_true", help="the bundle network was trained with a depth-2 guide ViT at "
                     "guide_size 56 (quick CPU runs and tests)")  # fmt: skip
@@ -270,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"({'demo' if info['demo'] else 'real'} data: {info['dataset_dir']}; bundle network's guide ViT "
                 f"{info['guide_vit']})")  # fmt: skip
     net, summary = train_refiner(cases, args.minutes, args.max_clicks, args.batch_size, perturb=args.perturb,
-                                 seed=args.seed, max_steps=args.max_steps, iterative=args.iterative)  # fmt: skip
+                                 seed=args.seed, max_steps=args.max_steps, iterative=args.iterative,
+                                 reach=args.reach, focus=args.focus)  # fmt: skip
     out = Path(args.out) if args.out else bundle_dir / "models" / "click_refiner.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_refiner(net, out, **info, **summary)

@@ -179,6 +179,24 @@ def test_iterative_training_runs_the_refiner_for_its_clicks():
         ClickRefinementNet.forward = original
 
 
+def test_focus_trains_only_where_the_answer_is_served():
+    """``focus=1``: the loss is on the answer as served (the correction blended in near the clicks), so steps with no
+    click leave the network as it was (bar AdamW's weight decay), while the whole-image loss (``focus=0``) trains it."""
+    rng = np.random.default_rng(0)
+    cases = [_disc_case(rng) for _ in range(4)]
+    small = {"channels": (8, 16), "strides": (2,), "num_res_units": 0}
+    changes = {}
+    for focus in (0.0, 1.0):
+        torch.manual_seed(0)
+        start = ClickRefinementNet(2, 2, **small).state_dict()
+        net, summary = train_refiner(cases, minutes=10, max_clicks=0, batch_size=2, perturb=0.0, max_steps=3,
+                                     network_kwargs=small, focus=focus)  # fmt: skip
+        assert summary["focus"] == focus
+        changes[focus] = max(float((v - start[k]).abs().max()) for k, v in net.state_dict().items()
+                             if v.dtype.is_floating_point)  # fmt: skip
+    assert changes[1.0] < 1e-6 < 1e-4 < changes[0.0], changes
+
+
 def test_train_refiner_command_writes_a_loadable_refiner(tmp_path):
     """``python -m guidino_monai.interactive.train_refiner`` on a bundle (demo data, random-init weights standing in
     for trained ones): the refiner file appears, loads, and records what it was trained on."""

@@ -428,7 +428,7 @@ def test_final_label_with_unknown_values_refused_unless_guide_is_named(server):
     assert np.array_equal(stored, truth)
 
 
-def _constant_refiner(path: Path, num_classes: int, favoured: int) -> None:
+def _constant_refiner(path: Path, num_classes: int, favoured: int, **info) -> None:
     """A click refiner whose correction is a constant +10 for class ``favoured`` (weights zero, last bias set)."""
     import torch
 
@@ -440,7 +440,7 @@ def _constant_refiner(path: Path, num_classes: int, favoured: int) -> None:
             p.zero_()
         last = [m for m in net.unet.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))][-1]
         last.bias[favoured] = 10.0
-    save_refiner(net, path, steps=7, num_train_cases=3, guide_vit="random-init")
+    save_refiner(net, path, steps=7, num_train_cases=3, guide_vit="random-init", **info)
 
 
 def test_click_refiner_is_used_when_the_bundle_has_one(server):
@@ -477,6 +477,13 @@ def test_click_refiner_is_used_when_the_bundle_has_one(server):
         assert (refined[dist <= 2] == favoured).mean() > 0.9  # the refiner's +10 for that class decided near the click
         assert (refined[dist > 20] == favoured).mean() < 0.5  # and it reaches no further than the click's neighbourhood
         assert np.array_equal(np.asarray(_load(click("regions").content).dataobj), regions)  # 'regions' bypasses it
+        shell = (dist > 5) & (dist <= 7)
+        default_reach = (refined[shell] == favoured).mean()
+        _constant_refiner(refiner, 3, favoured=favoured, reach=8.0)  # trained with a wider reach: served with it
+        status = requests.get(server.url + "/info/", timeout=30).json()["models"][INTERACTIVE]["click_refiner"]
+        assert status["present"] is True and status["reach"] == 8.0
+        wide = np.asarray(_load(click("auto").content).dataobj)
+        assert (wide[shell] == favoured).mean() > 0.9 > default_reach, default_reach
         refiner.write_bytes(b"not a torch file")
         status = requests.get(server.url + "/info/", timeout=30).json()["models"][INTERACTIVE]["click_refiner"]
         assert status["present"] is False and "click_refiner.pt" in status["error"]
