@@ -9,12 +9,12 @@
 # See the License for the specific language governing permissions and
 # limitations under the License.
 
-"""Click-based correction for guided networks (used by the MONAI Label app): training-free click regions and TokenBook
-prototypes, and a click-trained refiner (:class:`ClickRefinementNet`)."""
+"""Click-based correction for guided networks (used by the MONAI Label app): training-free click maps, click regions
+and TokenBook prototypes, and a click-trained refiner (:class:`ClickRefinementNet`)."""
 
 from __future__ import annotations
 
-from .click_maps import apply_clicks, click_region
+from .click_maps import apply_clicks, bias_clicks, click_region
 from .clicks import ClickRefiner, ClickSessions, image_digest, next_click, point_to_token, world_points_to_grid
 from .refinement import (
     ClickRefinementNet,
@@ -30,6 +30,7 @@ __all__ = [
     "ClickRefiner",
     "ClickSessions",
     "apply_clicks",
+    "bias_clicks",
     "click_guidance",
     "click_region",
     "image_digest",

@@ -19,6 +19,10 @@ forced to the click's class (a foreground click adds it, a background click remo
 reach adapts to the error: twice the clicked voxel's distance to the edge of that wrong side, between ``radius`` and
 ``max_radius`` (a click in the middle of a large false-positive blob removes much of it, one in a thin miss adds a
 thin region). Clicks are applied in order, so a later click wins where regions overlap.
+
+:func:`bias_clicks` is the soft alternative (the app's default without a click refiner): each click adds a Gaussian
+click map (DeepGrow's click encoding) to the network's log-probabilities of its class, so the correction follows the
+network's own probability landscape near the click instead of a hard intensity region.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["click_region", "apply_clicks"]
+__all__ = ["click_region", "apply_clicks", "bias_clicks"]
 
 
 def click_region(
@@ -167,3 +171,74 @@ def apply_clicks(
                 out[k, region] = 0.0
             out[0, region] += moved
     return out
+
+
+def bias_clicks(
+    probs: np.ndarray,
+    foreground: Sequence[Sequence[float]] = (),
+    background: Sequence[Sequence[float]] = (),
+    label: int | None = None,
+    sigma: float = 4.0,
+    strength: float = 4.0,
+    margin: float = 2.0,
+    spacing: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Add a Gaussian click map per click to the log-probabilities of the click's class (training-free, soft).
+
+    A foreground click of class ``k`` adds ``A * exp(-d^2 / (2 sigma^2))`` to ``log p_k`` (``d``: distance to the
+    click); a background click subtracts it from the class it removes. The height ``A`` is ``strength``, raised where
+    the network was sure of the wrong answer so that the clicked voxel itself always ends ``margin`` above every other
+    class (``A = max(strength, log(p_max / p_k) + margin)`` at the click, from ``probs``): a foreground click always
+    adds its voxel and the neighbours where the network hesitated, a background click always removes its voxel. The
+    heights come from ``probs`` alone, so the result does not depend on the clicks' order.
+
+    Args:
+        probs: ``(C, *spatial)`` class probabilities (channel 0 = background).
+        foreground: foreground clicks (voxel coordinates). Class: ``label``, else the most probable foreground class
+            at the click.
+        background: background clicks: they remove ``label``, else the class predicted at the click (nothing when
+            that is background already).
+        label: the class the clicks are about (DeepGrow's ``label``), or ``None``.
+        sigma: width of each click map (voxels, or mm when ``spacing`` is given); the map is cut at 3 ``sigma``.
+        strength: smallest height of a click map (log-probability units).
+        margin: how far above every other class the clicked class ends at the clicked voxel.
+        spacing: voxel size per axis; ``None`` means 1.
+
+    Returns:
+        corrected ``(C, *spatial)`` probabilities (a copy; rows sum to 1).
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim < 3:
+        raise ValueError(f"probs of shape {probs.shape} must be (C, *spatial) with 2 or 3 spatial axes.")
+    n, shape = probs.shape[0], probs.shape[1:]
+    if label is not None and not 0 < int(label) < n:
+        raise ValueError(f"label {label} is not a foreground class of a {n}-class output.")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive, got {sigma}.")
+    spacing = np.ones(len(shape)) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    logp = np.log(np.clip(probs, 1e-6, 1.0))
+    bias = np.zeros_like(logp)
+    for point, is_fg in [(p, True) for p in foreground] + [(p, False) for p in background]:
+        if len(point) != len(shape):
+            raise ValueError(f"click {list(point)} has {len(point)} coordinates for a {len(shape)}D image.")
+        c = tuple(int(min(max(round(float(v)), 0), s - 1)) for v, s in zip(point, shape))
+        at = logp[(slice(None),) + c]
+        if is_fg:
+            k = int(label) if label is not None else (1 + int(np.argmax(at[1:])) if n > 1 else 0)
+            need = float(at.max() - at[k])
+        else:
+            k = int(label) if label is not None else int(np.argmax(at))
+            if k == 0:  # a background click on background: nothing to remove
+                continue
+            need = float(at[k] - np.delete(at, k).max())
+        height = max(float(strength), need + float(margin))
+        reach = [int(np.ceil(3 * sigma / sp)) for sp in spacing]
+        box = tuple(slice(max(ci - r, 0), min(ci + r + 1, s)) for ci, r, s in zip(c, reach, shape))
+        grids = np.meshgrid(*[(np.arange(b.start, b.stop) - ci) * sp for b, ci, sp in zip(box, c, spacing)],
+                            indexing="ij")  # fmt: skip
+        bump = height * np.exp(-sum(g**2 for g in grids) / (2.0 * sigma**2))
+        bias[(k,) + box] += bump if is_fg else -bump
+    logits = logp + bias
+    logits -= logits.max(0, keepdims=True)
+    out = np.exp(logits)
+    return (out / out.sum(0, keepdims=True)).astype(np.float32)
