@@ -287,6 +287,41 @@ def test_interactive_clicks_change_voxels_without_vit_rerun(server):
     assert a["clicks"]["vit_passes"] == b["clicks"]["vit_passes"] >= 1
 
 
+@pytest.mark.parametrize("method", ["clickmaps", "regions"])
+def test_foreground_clicks_on_missed_voxels_turn_them_foreground(server, method):
+    """Issue 11: every foreground click on a voxel the model missed adds it (whatever the guide ViT's weights), every
+    background click on it removes it again, and nothing changes far from the clicks."""
+    import nibabel as nib
+    import requests
+
+    ids = requests.get(server.url + "/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+    image_id = sorted(ids)[1]
+    truth_img = nib.load(server.root / "demo" / "labelsTr" / f"{image_id}.nii.gz")
+    truth = np.asarray(truth_img.dataobj).astype(int)
+    zooms = np.asarray(truth_img.header.get_zooms()[:3], dtype=float)
+
+    def click(fg: list, bg: list) -> np.ndarray:
+        params = {"foreground": fg, "background": bg, "label": "hippocampus anterior", "click_method": method}
+        r = requests.post(server.url + f"/infer/{INTERACTIVE}", params={"image": image_id, "output": "image"},
+                          data={"params": json.dumps(params)}, timeout=300)  # fmt: skip
+        assert r.status_code == 200, r.text[:2000]
+        return np.asarray(_load(r.content).dataobj)
+
+    base = click([], [])
+    missed = np.argwhere((truth == 1) & (base == 0))
+    assert len(missed) >= 5, "the random-init test network should miss part of the anterior label"
+    points = [[int(v) for v in missed[i]] for i in np.linspace(0, len(missed) - 1, 5).astype(int)]
+    added = click(points, [])
+    assert all(added[tuple(p)] == 1 for p in points), "each foreground click must add its voxel"
+    grid = np.indices(base.shape)
+    near = np.zeros(base.shape, bool)
+    for p in points:  # 3 sigma (12 mm) of a click map, 6 mm of a region; a voxel of slack for the resampling
+        near |= np.sqrt(sum(((g - c) * z) ** 2 for g, c, z in zip(grid, p, zooms))) <= 12.0 + 2 * zooms.max()
+    assert np.array_equal(added[~near], base[~near]), "clicks must not change voxels far from them"
+    removed = click([], points)
+    assert all(removed[tuple(p)] == 0 for p in points), "each background click must remove its voxel"
+
+
 def test_mirror_uncertainty_strategy(server):
     import requests
 
@@ -445,7 +480,8 @@ def _constant_refiner(path: Path, num_classes: int, favoured: int, **info) -> No
 
 def test_click_refiner_is_used_when_the_bundle_has_one(server):
     """``models/click_refiner.pt`` in the served bundle: /info/ reports it, clicks go through it (``click_method``
-    ``auto``), ``regions`` bypasses it; a broken file is named in /info/, 'auto' falls back, 'refiner' gets a 400."""
+    ``auto``), ``regions`` and ``clickmaps`` bypass it; a broken file is named in /info/, 'auto' falls back to the click
+    maps, 'refiner' gets a 400."""
     import requests
 
     refiner = server.root / "model" / HIPPO / "models" / "click_refiner.pt"
@@ -461,10 +497,12 @@ def test_click_refiner_is_used_when_the_bundle_has_one(server):
 
     r = click("refiner", "json")
     assert r.status_code == 400 and "no click refiner" in r.json()["detail"], r.text
-    assert click("auto", "json").json()["clicks"]["method"] == "regions"
-    regions = np.asarray(_load(click("auto").content).dataobj)
-    favoured = int(np.argmin([(regions == c).sum() for c in range(3)]))  # the class the random network gives least
-    assert (regions == favoured).mean() < 0.5
+    assert click("auto", "json").json()["clicks"]["method"] == "clickmaps"  # no refiner: the training-free maps
+    assert click("regions", "json").json()["clicks"]["method"] == "regions"
+    maps = np.asarray(_load(click("auto").content).dataobj)
+    regions = np.asarray(_load(click("regions").content).dataobj)
+    favoured = int(np.argmin([(maps == c).sum() for c in range(3)]))  # the class the random network gives least
+    assert (maps == favoured).mean() < 0.5
     try:
         _constant_refiner(refiner, 3, favoured=favoured)
         status = requests.get(server.url + "/info/", timeout=30).json()["models"][INTERACTIVE]["click_refiner"]
@@ -477,6 +515,7 @@ def test_click_refiner_is_used_when_the_bundle_has_one(server):
         assert (refined[dist <= 2] == favoured).mean() > 0.9  # the refiner's +10 for that class decided near the click
         assert (refined[dist > 20] == favoured).mean() < 0.5  # and it reaches no further than the click's neighbourhood
         assert np.array_equal(np.asarray(_load(click("regions").content).dataobj), regions)  # 'regions' bypasses it
+        assert np.array_equal(np.asarray(_load(click("clickmaps").content).dataobj), maps)  # and so does 'clickmaps'
         _constant_refiner(refiner, 3, favoured=favoured, reach=8.0)  # trained with a wider reach: served with it
         status = requests.get(server.url + "/info/", timeout=30).json()["models"][INTERACTIVE]["click_refiner"]
         assert status["present"] is True and status["reach"] == 8.0
@@ -488,7 +527,7 @@ def test_click_refiner_is_used_when_the_bundle_has_one(server):
         status = requests.get(server.url + "/info/", timeout=30).json()["models"][INTERACTIVE]["click_refiner"]
         assert status["present"] is False and "click_refiner.pt" in status["error"]
         fallback = click("auto", "json")
-        assert fallback.status_code == 200 and fallback.json()["clicks"]["method"] == "regions"
+        assert fallback.status_code == 200 and fallback.json()["clicks"]["method"] == "clickmaps"
         assert "click_refiner.pt" in fallback.json()["clicks"]["refiner_error"]
         bad = click("refiner", "json")
         assert bad.status_code == 400 and "click_refiner.pt" in bad.json()["detail"], bad.text

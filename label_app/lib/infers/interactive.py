@@ -27,6 +27,7 @@ from guidino_monai.interactive import (
     ClickRefiner,
     ClickSessions,
     apply_clicks,
+    bias_clicks,
     load_refiner,
     refine_with_clicks,
     world_points_to_grid,
@@ -47,8 +48,13 @@ DEFAULT_UNCERTAIN_BAND = "0.1"
 PROTOTYPE_MODES = ("auto", "on", "off")
 
 #: ``click_method``: ``auto`` uses the bundle's click-trained refiner when ``models/click_refiner.pt`` is there
-#: (corrections within a few voxels of the clicks), else the click regions alone; ``refiner`` requires the file; ``regions`` never uses it
-CLICK_METHODS = ("auto", "refiner", "regions")
+#: (corrections within a few voxels of the clicks), else the training-free click maps; ``refiner`` requires the file;
+#: ``clickmaps`` (Gaussian click maps on the log-probabilities) and ``regions`` (intensity regions) never use it
+CLICK_METHODS = ("auto", "refiner", "clickmaps", "regions")
+
+#: default click map settings (:func:`guidino_monai.interactive.bias_clicks`), chosen with
+#: benchmarks/click_refinement.py on 17 held-out hippocampus cases, then measured on 20 others (INSTALL.md)
+DEFAULT_CLICK_SIGMA, DEFAULT_CLICK_STRENGTH, DEFAULT_CLICK_MARGIN = 4.0, 4.0, 2.0
 
 #: the click refiner's file in the bundle (``python -m guidino_monai.interactive.train_refiner`` writes it)
 REFINER_FILE = "click_refiner.pt"
@@ -68,7 +74,7 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
     With a click-trained refiner in the bundle (``models/click_refiner.pt``, written by ``python -m
     guidino_monai.interactive.train_refiner``; :class:`guidino_monai.interactive.ClickRefinementNet`), the
     segmentation is corrected by it from all clicks of the request near the clicks (``click_method: auto`` or
-    ``refiner``; the click regions below are then not applied);
+    ``refiner``; the corrections of step 2 are then not applied);
     ``/info/`` says whether the file is there and how it was trained (``click_refiner``). Without it, two corrections
     without retraining:
 
@@ -76,15 +82,19 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
        guide is recomputed and the segmentation re-run (:class:`guidino_monai.interactive.ClickRefiner`); with
        ``click_prototypes: auto`` (the default) only when the guide ViT has foundation-model weights, ``on``/``off``
        force it;
-    2. each click's region (connected voxels of similar intensity within ``click_radius`` mm,
-       :func:`guidino_monai.interactive.apply_clicks`) is forced to the click's class: a foreground click always adds
-       its region, a background click removes it, whatever the guide ViT's weights.
+    2. ``click_method: auto`` / ``clickmaps``: each click adds a Gaussian click map (``click_sigma`` mm) to the
+       log-probability of its class (:func:`guidino_monai.interactive.bias_clicks`), high enough that the clicked
+       voxel always takes the click's class: a foreground click always adds its voxel and the hesitant neighbours
+       around it, a background click removes them, whatever the guide ViT's weights. ``click_method: regions``:
+       instead each click's region (connected voxels of similar intensity within ``click_radius`` mm,
+       :func:`guidino_monai.interactive.apply_clicks`) is forced to the click's class.
 
     Sessions (:class:`guidino_monai.interactive.ClickSessions`) keep the last ``max_sessions`` images' preprocessed
     tensors and token maps, keyed by image path, weights mtime and image content, so after the first request each
     click costs one TokenBook + backbone pass and no ViT pass, and a re-uploaded image never reuses stale tokens.
-    ``--conf click_radius <mm>``, ``--conf click_max_radius <mm>`` and ``--conf click_tolerance <std>`` tune step 2
-    (defaults 2, 6 and 1);
+    ``--conf click_sigma <mm>``, ``--conf click_strength`` and ``--conf click_margin`` tune the click maps (defaults
+    4, 4 and 2); ``--conf click_radius <mm>``, ``--conf click_max_radius <mm>`` and ``--conf click_tolerance <std>``
+    the regions (defaults 2, 6 and 1);
     ``--conf click_uncertain_band <p>`` makes a click where the network hesitated (class probability at least ``p``
     for a foreground click, at most ``1 - p`` for a background one) follow the network's probabilities instead of the
     intensities (``apply_clicks``' ``uncertain_band``; ``none`` turns it off).
@@ -94,7 +104,7 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
 
     def __init__(self, path: str, conf: dict[str, str], max_sessions: int = 4, **kwargs: Any) -> None:
         super().__init__(path, conf, type=InferType.DEEPGROW, **kwargs)
-        self.description = "GuiDINO click refinement: clicks become TokenBook prototypes and intensity regions"
+        self.description = "GuiDINO click refinement: click maps (or a click-trained refiner) and TokenBook prototypes"
         self._config.pop("mirror_axes", None)  # no test-time mirroring for clicks
         default = str((conf or {}).get("click_prototypes", "auto")).lower()
         if default not in PROTOTYPE_MODES:
@@ -103,6 +113,11 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         self.click_radius = float((conf or {}).get("click_radius", 2.0))
         self.click_max_radius = float((conf or {}).get("click_max_radius", 6.0))
         self.click_tolerance = float((conf or {}).get("click_tolerance", 1.0))
+        self.click_sigma = float((conf or {}).get("click_sigma", DEFAULT_CLICK_SIGMA))
+        self.click_strength = float((conf or {}).get("click_strength", DEFAULT_CLICK_STRENGTH))
+        self.click_margin = float((conf or {}).get("click_margin", DEFAULT_CLICK_MARGIN))
+        if self.click_sigma <= 0:
+            raise ValueError(f"--conf click_sigma must be a positive size in mm, got {self.click_sigma}")
         band = str((conf or {}).get("click_uncertain_band", DEFAULT_UNCERTAIN_BAND)).lower()
         self.click_uncertain_band = None if band in ("none", "off", "") else float(band)
         self._config["click_method"] = list(CLICK_METHODS)
@@ -145,7 +160,7 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
             status.update(present=True, **{k: v for k, v in refiner[1].items() if k in keep})
         else:
             status["how"] = ("python -m guidino_monai.interactive.train_refiner --bundle_dir <bundle> --dataset_dir "
-                             "<data> writes it; without it clicks use the training-free click regions")  # fmt: skip
+                             "<data> writes it; without it clicks use the training-free click maps")  # fmt: skip
         info["click_refiner"] = status
         return info
 
@@ -221,7 +236,7 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         if method in ("auto", "refiner") and (fg or bg):
             try:
                 refiner = self.click_refiner()
-            except ValueError as e:  # a broken file: 'auto' falls back to the regions and says why
+            except ValueError as e:  # a broken file: 'auto' falls back to the click maps and says why
                 if method == "refiner":
                     raise bad_request(str(e)) from e
                 refiner_error = str(e)
@@ -232,10 +247,16 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
             refined = refine_with_clicks(refiner[0], plain[None].float().cpu(), torch.from_numpy(probs)[None], clicks,
                                          reach=refiner[1].get("reach", DEFAULT_REACH))  # as it was trained
             probs = refined[0].numpy()  # the refiner alone: adding the click regions measured lower (+0.006 vs +0.009)
-        else:
+            used = "refiner"
+        elif method == "regions":
             probs = apply_clicks(probs, intensities, fg, bg, label=idx, radius=self.click_radius,
                                  tolerance=self.click_tolerance, spacing=spacing,
                                  max_radius=self.click_max_radius, uncertain_band=self.click_uncertain_band)  # fmt: skip
+            used = "regions"
+        else:
+            probs = bias_clicks(probs, fg, bg, label=idx, sigma=self.click_sigma, strength=self.click_strength,
+                                margin=self.click_margin, spacing=spacing)  # fmt: skip
+            used = "clickmaps"
         self.stats["refinements"] += 1
         pred = MetaTensor(torch.log(torch.from_numpy(probs).clamp_min(1e-6)))
         if isinstance(image, MetaTensor):
@@ -243,7 +264,7 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         data[self.output_label_key] = pred
         data["clicks_report"] = {"foreground": len(fg), "background": len(bg), "outside": outside,
                                  "vit_passes": self.sessions.vit_passes,
-                                 "method": "refiner" if refiner is not None else "regions"}  # fmt: skip
+                                 "method": used}  # fmt: skip
         if refiner_error:
             data["clicks_report"]["refiner_error"] = refiner_error
         if guide_mode(data) != "none":
