@@ -8,22 +8,27 @@ Usage::
 
 The simulated user clicks at the centre of the largest error region (:func:`guidino_monai.interactive.next_click`):
 a foreground click where the true label is foreground (for that label), a background click otherwise (for the label
-predicted there). Two methods are compared on the same clicks' rule, each with its own click sequence:
+predicted there). The methods are compared on the same clicks' rule, each with its own click sequence:
 
 - ``prototypes``: each click's DINO token becomes an extra positive/negative TokenBook prototype (no retraining); the
   ViT runs once per case, each click costs one TokenBook + backbone pass;
 - ``prototypes+regions``: the same, then each click's intensity region
   (:func:`guidino_monai.interactive.apply_clicks`, ``--radius`` mm, ``--tolerance`` std) is forced to the click's
   label, training-free, so a click helps whatever the guide ViT's weights;
-- ``regions``: the regions alone (what the MONAI Label app serves when the guide ViT has random weights and the
-  bundle has no click refiner: ``click_prototypes: auto``);
+- ``regions``: the regions alone (the app's ``click_method: regions``);
+- ``clickmaps``: training-free Gaussian click maps added to the network's log-probabilities
+  (:func:`guidino_monai.interactive.bias_clicks`, ``--sigma`` mm, ``--strength``, ``--margin``): what the MONAI Label
+  app serves when the bundle has no click refiner (``click_method: auto``);
 - ``refiner``: the bundle's click-trained refiner (``--refiner``, :class:`guidino_monai.interactive.ClickRefinementNet`,
   trained with ``python -m guidino_monai.interactive.train_refiner``) corrects the network's segmentation from all
   clicks so far (what the app serves when ``models/click_refiner.pt`` is present);
 - ``refiner+regions``: the refiner, then the click regions;
 - ``oracle``: not a method but the ceiling of every *local* correction: the true label is pasted into a ball of
   ``--oracle_radius`` voxels around each click so far (a perfect correction of the clicked neighbourhood, nothing
-  changed elsewhere). A goal above the oracle at a given radius cannot be met by a correction of that reach.
+  changed elsewhere). A goal above the oracle at a given radius cannot be met by a correction of that reach;
+- ``oracle_component``: the ceiling of a correction that fixes a whole error piece per click: the true label is
+  pasted into the connected error region (voxels where the network's label is wrong, face-connected: the regions the
+  simulated user clicks into) under each click so far, whatever its size.
 
 ``--methods`` picks some of them.
 
@@ -45,10 +50,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
+from scipy import ndimage
 
 from guidino_monai.bundle import prepare_datalists
-from guidino_monai.interactive import ClickRefinementNet, ClickRefiner, apply_clicks, load_refiner, next_click, \
-    refine_with_clicks
+from guidino_monai.interactive import ClickRefinementNet, ClickRefiner, apply_clicks, bias_clicks, load_refiner, \
+    next_click, refine_with_clicks
 from guidino_monai.interactive.refinement import DEFAULT_REACH
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "guidino_hippocampus_mri_segmentation"
@@ -78,6 +84,8 @@ def run_case(
     refine_net: ClickRefinementNet | None = None,
     reach: float | None = 4.0,
     oracle_radius: float | None = None,
+    clickmaps: dict | None = None,
+    oracle_component: bool = False,
 ) -> tuple[dict[int, float], list[float], int, int]:
     """Simulated clicks on one case: ``(Dice per step, seconds per click, foreground clicks, background clicks)``."""
     intensities = image[0, 0].numpy()
@@ -90,6 +98,15 @@ def run_case(
             clicks = [(point, lab if is_fg else 0) for point, is_fg, lab in history]
             probs = refine_with_clicks(refine_net, image, torch.from_numpy(probs)[None], clicks,
                                        reach=reach)[0].numpy()
+        if clickmaps is not None and history:  # one call per clicked class: heights from the same probabilities
+            logp = np.log(np.clip(probs, 1e-6, 1.0))
+            biased = logp.copy()
+            for lab in sorted({lab for _, _, lab in history}):
+                fg_l = [p for p, f, c in history if f and c == lab]
+                bg_l = [p for p, f, c in history if not f and c == lab]
+                biased += np.log(bias_clicks(probs, fg_l, bg_l, label=lab, **clickmaps)) - logp
+            probs = np.exp(biased - biased.max(0, keepdims=True))
+            probs /= probs.sum(0, keepdims=True)
         if regions:
             for point, is_fg, lab in history:  # in click order: a later click wins where regions overlap
                 probs = apply_clicks(probs, intensities, [point] if is_fg else [], [] if is_fg else [point], label=lab,
@@ -101,6 +118,11 @@ def run_case(
             for point, _, _ in history:
                 ball = sum((grid[i] - point[i]) ** 2 for i in range(pred.ndim)) <= oracle_radius**2
                 pred[ball] = label[ball]
+        if oracle_component and history:  # the upper bound: the truth in the whole error piece under every click
+            pieces, _ = ndimage.label(pred != label)  # as next_click finds them
+            hit = {int(pieces[tuple(point)]) for point, _, _ in history} - {0}
+            fix = np.isin(pieces, sorted(hit))
+            pred[fix] = label[fix]
         if k > 0:
             seconds.append(time.perf_counter() - t)
         if k in steps:
@@ -151,6 +173,9 @@ def main() -> None:
     ap.add_argument("--max_radius", type=float, default=6.0, help="largest click region radius (mm)")
     ap.add_argument("--uncertain_band", type=float, default=0.1,
                     help="apply_clicks' uncertain_band for the methods with regions (the app's default; -1: off)")
+    ap.add_argument("--sigma", type=float, default=4.0, help="bias_clicks' click map width (mm) for clickmaps")
+    ap.add_argument("--strength", type=float, default=4.0, help="bias_clicks' smallest click map height")
+    ap.add_argument("--margin", type=float, default=2.0, help="bias_clicks' margin at the clicked voxel")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.uncertain_band is not None and args.uncertain_band < 0:
@@ -188,7 +213,8 @@ def main() -> None:
     refiner = ClickRefiner(net, roi_size=roi, sw_batch_size=4, overlap=0.5, mode="gaussian")
     steps = sorted({0, 1, 3, args.clicks} & set(range(args.clicks + 1)))
     known = {"prototypes": (False, True, False), "prototypes+regions": (True, True, False),
-             "regions": (True, False, False), "refiner": (False, False, True), "refiner+regions": (True, False, True)}
+             "regions": (True, False, False), "refiner": (False, False, True), "refiner+regions": (True, False, True),
+             "clickmaps": (False, False, False), "oracle_component": (False, False, False)}
     oracles = {}
     methods = {}
     for m in args.methods.split(","):
@@ -207,6 +233,7 @@ def main() -> None:
               f"{refiner_info.get('num_train_cases')} training cases, reach {args.reach})")  # fmt: skip
     if args.reach is not None and args.reach < 0:
         args.reach = None
+    maps = {"sigma": args.sigma, "strength": args.strength, "margin": args.margin}  # 1 mm grid: mm = voxels
     per_case, seconds, vit_seconds = [], {m: [] for m in methods}, []
     for item in cases:
         d = pre(dict(item))
@@ -220,7 +247,8 @@ def main() -> None:
             scores, secs, n_fg, n_bg = run_case(refiner, image, label, args.clicks, steps, regions, args.radius,
                                                 args.tolerance, prototypes, args.max_radius, args.uncertain_band,
                                                 refine_net if use_refiner else None, args.reach,
-                                                oracles.get(m))  # fmt: skip
+                                                oracles.get(m), maps if m == "clickmaps" else None,
+                                                m == "oracle_component")  # fmt: skip
             seconds[m] += secs
             row[m] = {"dice": scores, "fg": n_fg, "bg": n_bg}
         per_case.append(row)
@@ -257,6 +285,7 @@ def main() -> None:
                     "refiner_info": refiner_info,
                     "reach": args.reach,
                     "oracle_radius_voxels": oracles,
+                    "clickmaps": maps if "clickmaps" in methods else None,
                 },
                 indent=2,
             )
