@@ -236,7 +236,8 @@ def bias_clicks(
         box = tuple(slice(max(ci - r, 0), min(ci + r + 1, s)) for ci, r, s in zip(c, reach, shape))
         grids = np.meshgrid(*[(np.arange(b.start, b.stop) - ci) * sp for b, ci, sp in zip(box, c, spacing)],
                             indexing="ij")  # fmt: skip
-        bump = height * np.exp(-sum(g**2 for g in grids) / (2.0 * sigma**2))
+        d2 = sum(g**2 for g in grids)
+        bump = np.where(d2 <= (3.0 * sigma) ** 2, height * np.exp(-d2 / (2.0 * sigma**2)), 0.0)  # a ball, not the box
         bias[(k,) + box] += bump if is_fg else -bump
     logits = logp + bias
     logits -= logits.max(0, keepdims=True)

@@ -36,6 +36,15 @@ def test_background_click_removes_its_voxel_and_background_on_background_is_a_no
     assert np.allclose(bias_clicks(empty, background=[[4, 4, 4]]), empty, atol=1e-6)
 
 
+def test_nothing_changes_beyond_three_sigma_even_where_the_network_hesitates():
+    probs = two_class(np.full((41, 41, 41), 0.4999))  # near-uniform: any bias at all flips a voxel
+    out = bias_clicks(probs, foreground=[[20, 20, 20]], sigma=2.0, spacing=[1.0, 1.0, 1.0])
+    d = np.sqrt(((np.indices(probs.shape[1:]) - 20) ** 2).sum(0))
+    changed = out.argmax(0) != probs.argmax(0)
+    assert changed[d <= 5].all()  # hesitant voxels near the click follow it
+    assert not changed[d > 6.0 + 1e-6].any()  # 3 sigma: the corners of the bounding box stay as they were
+
+
 def test_three_classes_class_from_label_or_most_probable_foreground():
     probs = np.zeros((3, 16, 16), np.float32)
     probs[0], probs[1], probs[2] = 0.9, 0.04, 0.06
