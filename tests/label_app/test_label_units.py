@@ -229,6 +229,19 @@ def test_slicer_config_values_parse():
         assert e.value.status_code == 400
 
 
+def test_click_conf_numbers_are_checked_and_named():
+    pytest.importorskip("monailabel")
+    sys.path.insert(0, str(APP_DIR))
+    from lib.infers.interactive import conf_number
+
+    assert conf_number({}, "click_sigma", 4.0, positive=True) == 4.0
+    assert conf_number({"click_sigma": "2.5"}, "click_sigma", 4.0, positive=True) == 2.5
+    assert conf_number({"click_margin": "-1"}, "click_margin", 2.0) == -1.0
+    for conf, positive in (({"click_sigma": "wide"}, True), ({"click_sigma": "0"}, True), ({"click_sigma": "nan"}, False)):
+        with pytest.raises(ValueError, match="--conf click_sigma"):
+            conf_number(conf, "click_sigma", 4.0, positive=positive)
+
+
 def test_drop_guide_segment(tmp_path):
     pytest.importorskip("monailabel")
     import nibabel as nib
