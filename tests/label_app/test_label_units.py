@@ -237,7 +237,8 @@ def test_click_conf_numbers_are_checked_and_named():
     assert conf_number({}, "click_sigma", 4.0, positive=True) == 4.0
     assert conf_number({"click_sigma": "2.5"}, "click_sigma", 4.0, positive=True) == 2.5
     assert conf_number({"click_margin": "-1"}, "click_margin", 2.0) == -1.0
-    for conf, positive in (({"click_sigma": "wide"}, True), ({"click_sigma": "0"}, True), ({"click_sigma": "nan"}, False)):
+    bad = (({"click_sigma": "wide"}, True), ({"click_sigma": "0"}, True), ({"click_sigma": "nan"}, False))
+    for conf, positive in bad:
         with pytest.raises(ValueError, match="--conf click_sigma"):
             conf_number(conf, "click_sigma", 4.0, positive=positive)
 
