@@ -14,6 +14,8 @@ a second job on 2 cores slows both)::
     python benchmarks/equal_budget.py --budget_min 20 --seeds 0 1 --json benchmarks/results/equal_budget.json
     python benchmarks/equal_budget.py --tasks hippocampus --variants guided --set gate_mode=residual --tag _residual \
         --json residual.json        # a changed recipe: --set overrides bundle config ids, --tag names its runs
+    python benchmarks/equal_budget.py --tasks fetalhead --eval_only --set fit_ellipse=false --tag _raw \
+        --json raw.json             # the same checkpoints, evaluated again with another post-processing
 
 The guide ViT is random-init unless --pretrained_weights names a local DINO file: say so when quoting numbers.
 """
@@ -71,28 +73,39 @@ def train_and_eval(task: str, variant: str, seed: int, budget_s: float, args) ->
         if task == "fetalhead":
             common["gate_at"] = "bottleneck"
     common.update(args.overrides)
-    work = Path(args.work) / f"{task}_{variant}{args.tag}_s{seed}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    budget = TimeBudget(budget_s)
-    constant_lr = {"_target_": "torch.optim.lr_scheduler.LambdaLR", "optimizer": "@optimizer",
-                   "lr_lambda": "$lambda e: 1.0"}  # the learning rate is set by TimeBudget
-    run(src, work, ["train.json"], "train", epochs=100_000, resume=False, lr_scheduler=constant_lr,
-        _after_init=budget.attach, **common)  # fmt: skip
-    train_s, epochs = budget.elapsed, len(budget.epoch_ends)
-    first_s = budget.epoch_ends[0] if epochs else float("nan")
-    epoch_s = (budget.epoch_ends[-1] - first_s) / (epochs - 1) if epochs > 1 else float("nan")
-    run(src, work, ["train.json", "evaluate.json"], "eval", **common)
-    summary = json.load(open(work / "eval" / "metrics_summary.json"))
-    row = {"task": task, "variant": variant + args.tag, "seed": seed, "epochs": epochs,
-           "first_epoch_s": round(first_s, 1), "epoch_s": round(epoch_s, 1), "train_s": round(train_s, 1),
-           "budget_s": budget_s, "iterations": budget.iterations, "mean_dice": summary["mean_dice"],
-           "pretrained_guide": bool(args.pretrained_weights)}  # fmt: skip
+    if args.eval_only:  # the checkpoint of an earlier run (no --tag in its folder name), evaluated into eval<tag>/
+        work = Path(args.work) / f"{task}_{variant}_s{seed}"
+        if not (work / "models" / "model.pt").is_file():
+            raise SystemExit(f"--eval_only: no checkpoint at {work / 'models' / 'model.pt'}; train it first")
+        eval_dir = work / f"eval{args.tag}"
+        run(src, work, ["train.json", "evaluate.json"], "eval", eval_dir=str(eval_dir), **common)
+        row = {"task": task, "variant": variant + args.tag, "seed": seed, "eval_only": str(work),
+               "mean_dice": json.load(open(eval_dir / "metrics_summary.json"))["mean_dice"]}  # fmt: skip
+    else:
+        work = Path(args.work) / f"{task}_{variant}{args.tag}_s{seed}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        budget = TimeBudget(budget_s)
+        constant_lr = {"_target_": "torch.optim.lr_scheduler.LambdaLR", "optimizer": "@optimizer",
+                       "lr_lambda": "$lambda e: 1.0"}  # the learning rate is set by TimeBudget
+        run(src, work, ["train.json"], "train", epochs=100_000, resume=False, lr_scheduler=constant_lr,
+            _after_init=budget.attach, **common)  # fmt: skip
+        train_s, epochs = budget.elapsed, len(budget.epoch_ends)
+        first_s = budget.epoch_ends[0] if epochs else float("nan")
+        epoch_s = (budget.epoch_ends[-1] - first_s) / (epochs - 1) if epochs > 1 else float("nan")
+        eval_dir = work / "eval"
+        run(src, work, ["train.json", "evaluate.json"], "eval", **common)
+        row = {"task": task, "variant": variant + args.tag, "seed": seed, "epochs": epochs,
+               "first_epoch_s": round(first_s, 1), "epoch_s": round(epoch_s, 1), "train_s": round(train_s, 1),
+               "budget_s": budget_s, "iterations": budget.iterations,
+               "mean_dice": json.load(open(eval_dir / "metrics_summary.json"))["mean_dice"],
+               "pretrained_guide": bool(args.pretrained_weights)}  # fmt: skip
+    summary = json.load(open(eval_dir / "metrics_summary.json"))
     if args.overrides:
         row["overrides"] = args.overrides
     for k, v in summary["metrics"].items():
         row[k] = v["mean"]
-    hc = [float(r["hc_abs_error_mm"]) for r in csv.DictReader(open(work / "eval" / "metrics_per_case.csv"))
+    hc = [float(r["hc_abs_error_mm"]) for r in csv.DictReader(open(eval_dir / "metrics_per_case.csv"))
           if r.get("hc_abs_error_mm") not in (None, "", "nan")]  # fmt: skip
     if hc:
         row.update(hc_abs_error_median_mm=statistics.median(hc), hc_abs_error_max_mm=max(hc),
@@ -160,6 +173,9 @@ def main() -> int:
                    help="bundle config overrides for every variant, e.g. gate_mode=residual "
                         "guide_kwargs#guide_size=112 (values are JSON, else strings)")
     p.add_argument("--tag", default="", help="suffix of the run folders (keeps runs with --set apart)")
+    p.add_argument("--eval_only", action="store_true",
+                   help="no training: evaluate the checkpoints an earlier run left in --work (same tasks, variants, "
+                        "seeds) with the current evaluate.json and --set, into eval<tag>/ beside them")
     args = p.parse_args()
     args.overrides = parse_overrides(args.set)
     warnings.filterwarnings("ignore")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from .head_circumference import (
     HC18_BOUNDARY_OFFSET_PX,
     ellipse_circumference,
+    filled_ellipse,
     fit_ellipse,
     head_circumference_mm,
     largest_filled_component,
@@ -24,6 +25,7 @@ from .head_circumference import (
 __all__ = [
     "HC18_BOUNDARY_OFFSET_PX",
     "ellipse_circumference",
+    "filled_ellipse",
     "fit_ellipse",
     "head_circumference_mm",
     "largest_filled_component",

@@ -30,6 +30,7 @@ __all__ = [
     "HC18_BOUNDARY_OFFSET_PX",
     "largest_filled_component",
     "fit_ellipse",
+    "filled_ellipse",
     "ellipse_circumference",
     "head_circumference_mm",
 ]
@@ -139,6 +140,36 @@ def fit_ellipse(
     elif angle > math.pi / 2:
         angle -= math.pi
     return cy, cx, semi_a, semi_b, angle
+
+
+def filled_ellipse(mask: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The filled ellipse fitted to a 2D mask (:func:`fit_ellipse`), rasterised on the mask's own pixel grid.
+
+    A pixel is inside when its centre is: ``(u / a)**2 + (v / b)**2 <= 1`` in the ellipse's axes. Moments are
+    affine-equivariant, so fitting in pixel units gives the same ellipse as in mm for any pixel spacing. The filled
+    ellipse has the area of the largest filled component (up to the rasterisation), its centre and orientation. HC18's
+    head labels are such filled ellipses (drawn from the annotated ellipse: the fitted ellipse of a reference label
+    overlaps it with Dice 0.9995 on average), so this turns a predicted head into the shape of the labels.
+
+    Args:
+        mask: a 2D binary mask (numpy array or tensor, ``(H, W)``, optionally with singleton dims); values above
+            ``0.5`` are foreground.
+
+    Returns:
+        a boolean array of the mask's 2D shape; all False when the mask is empty.
+
+    Raises:
+        ValueError: when ``mask`` is not 2D.
+    """
+    binary = _as_2d_mask(mask)
+    cy, cx, a, b, angle = fit_ellipse(binary)
+    if math.isnan(a) or b <= 0:
+        return np.zeros_like(binary, dtype=bool)
+    yy, xx = np.mgrid[0 : binary.shape[0], 0 : binary.shape[1]]
+    dy, dx = yy - cy, xx - cx
+    u = dx * math.cos(angle) + dy * math.sin(angle)
+    v = dy * math.cos(angle) - dx * math.sin(angle)
+    return (u / a) ** 2 + (v / b) ** 2 <= 1.0
 
 
 def ellipse_circumference(a: float, b: float) -> float:

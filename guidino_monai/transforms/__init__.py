@@ -12,6 +12,9 @@
 from __future__ import annotations
 
 from .dictionary import (
+    FitEllipseD,
+    FitEllipsed,
+    FitEllipseDict,
     KeepLargestFilledComponentD,
     KeepLargestFilledComponentd,
     KeepLargestFilledComponentDict,
@@ -27,6 +30,9 @@ from .dictionary import (
 )
 
 __all__ = [
+    "FitEllipseD",
+    "FitEllipseDict",
+    "FitEllipsed",
     "KeepLargestFilledComponentD",
     "KeepLargestFilledComponentDict",
     "KeepLargestFilledComponentd",

@@ -23,6 +23,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialPad, SpatialPadd
 
 __all__ = [
+    "FitEllipsed",
+    "FitEllipseD",
+    "FitEllipseDict",
     "KeepLargestFilledComponentd",
     "KeepLargestFilledComponentD",
     "KeepLargestFilledComponentDict",
@@ -213,7 +216,58 @@ class KeepLargestFilledComponentd(MapTransform):
         return d
 
 
+class FitEllipsed(MapTransform):
+    """Replace each label in ``applied_labels`` of a 2D label map by the filled ellipse fitted to it.
+
+    For shapes that are ellipses by definition, such as the HC18 fetal head labels (filled from the annotated
+    ellipse): the label's largest connected component, hole-filled, is replaced by the filled ellipse with the same
+    second-order moments (:func:`guidino_monai.metrics.filled_ellipse`), so fragments, holes and a ragged edge go and
+    the head circumference measured on the result is that of the same ellipse. Pixels of the label outside the ellipse
+    become background (0); pixels inside take the label. Run it after ``AsDiscreted(argmax=True)`` on the image's own
+    grid. An empty label stays empty; ``applied_labels=[]`` leaves the data unchanged (a config switch). Meta data are
+    kept.
+
+    Args:
+        keys: keys of the 2D label maps, ``(1, H, W)`` (trailing singleton dims allowed, e.g. ``(1, H, W, 1)``).
+        applied_labels: label values to replace by their ellipse, one at a time.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, applied_labels: Sequence[int], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.applied_labels = [int(v) for v in applied_labels]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from guidino_monai.metrics.head_circumference import filled_ellipse
+
+        d = dict(data)
+        if not self.applied_labels:
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            spatial = [s for s in img.shape[1:] if s != 1] if img.ndim > 3 else list(img.shape[1:])
+            if img.shape[0] != 1 or len(spatial) != 2:
+                raise ValueError(
+                    f"{key!r}: expected a 2D label map with one channel, (1, H, W), got shape {tuple(img.shape)}."
+                )
+            values = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+            out = values.copy()
+            plane, out_plane = values.reshape(spatial), out.reshape(spatial)  # views: no singleton dims
+            for label in self.applied_labels:
+                mask = plane == label
+                inside = filled_ellipse(mask)
+                out_plane[mask & ~inside] = 0
+                out_plane[inside] = label
+            if isinstance(img, torch.Tensor):
+                result = torch.as_tensor(out, dtype=img.dtype, device=img.device)
+                d[key] = img.clone().copy_(result) if isinstance(img, MetaTensor) else result
+            else:
+                d[key] = out
+        return d
+
+
 KeepLargestFilledComponentD = KeepLargestFilledComponentDict = KeepLargestFilledComponentd
+FitEllipseD = FitEllipseDict = FitEllipsed
 SplitGuidedOutputD = SplitGuidedOutputDict = SplitGuidedOutputd
 AddCoordinatesD = AddCoordinatesDict = AddCoordinatesd
 SpatialPadWithCoordinatesD = SpatialPadWithCoordinatesDict = SpatialPadWithCoordinatesd

@@ -62,6 +62,10 @@ REFINER_FILE = "click_refiner.pt"
 logger = logging.getLogger(__name__)
 
 
+#: post-processing transforms a clicked answer skips (see ``GuidedInteractiveInferTask.post_transforms``)
+SHAPE_CLEANUPS = ("KeepLargestFilledComponentd", "FitEllipsed")
+
+
 def conf_number(conf: dict[str, str] | None, name: str, default: float, positive: bool = False) -> float:
     """``--conf name <number>`` as a float, or ``ValueError`` naming the option and what it got."""
     raw = (conf or {}).get(name, default)
@@ -195,6 +199,13 @@ class GuidedInteractiveInferTask(GuidedBundleInferTask):
         for name in ("foreground", "background"):
             request[name] = parse_points(request.get(name), name, self.dimension)
         return request
+
+    def post_transforms(self, data: dict[str, Any] | None = None) -> list:
+        """The bundle's post-processing without its shape clean-ups, ``KeepLargestFilledComponentd`` and
+        ``FitEllipsed``: they would undo the clicks (drop a clicked region apart from the largest one, refit the
+        fetal head's ellipse), so a clicked answer stays as clicked while auto-segmentation keeps them. Matched by
+        class name, so the copy of ``guidino_monai`` a packed bundle carries is matched too."""
+        return [t for t in super().post_transforms(data) if type(t).__name__ not in SHAPE_CLEANUPS]
 
     def _make_refiner(self, network: torch.nn.Module) -> ClickRefiner:
         inferer = GuidedBundleInferTask.inferer(self, self._data)

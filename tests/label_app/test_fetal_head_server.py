@@ -1,0 +1,97 @@
+"""The fetal-head bundle behind the app, over real HTTP: auto-segmentation gives the bundle's post-processed head (the
+fitted ellipse), while clicks on it (``--conf interactive_bundle <fetal bundle>``) stay as clicked: the shape
+clean-ups (largest component, ellipse refit) must not undo them."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FETAL, INTERACTIVE, Server
+
+pytestmark = pytest.mark.usefixtures("monailabel_ready")
+
+
+def _load(content: bytes):
+    import nibabel as nib
+
+    data = gzip.decompress(content) if content[:2] == b"\x1f\x8b" else content
+    return nib.Nifti1Image.from_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def fetal_server(tmp_path_factory):
+    from guidino_monai.data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("fetal_app")
+    demo = Path(make_demo_dataset(root / "demo", "fetalhead", num_cases=2, seed=3))
+    studies = root / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for img in sorted((demo / "imagesTr").glob("*.nii.gz")):
+        shutil.copy(img, studies / img.name)
+    srv = Server(str(studies), root / "model", f"{FETAL},{INTERACTIVE}", root / "server.log",
+                 extra_conf={"interactive_bundle": FETAL})  # fmt: skip
+    try:
+        srv.wait_ready()
+        srv.root, srv.studies = root, studies
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _image_id(server) -> str:
+    import requests
+
+    ids = requests.get(server.url + "/datastore/", params={"output": "all"}, timeout=30).json()["objects"]
+    return sorted(ids)[0]
+
+
+def _infer(server, model: str, image_id: str, params: dict) -> np.ndarray:
+    import requests
+
+    r = requests.post(server.url + f"/infer/{model}", params={"image": image_id, "output": "image"},
+                      data={"params": json.dumps(params)}, timeout=300)  # fmt: skip
+    assert r.status_code == 200, r.text[:2000] + server.tail()
+    return np.asarray(_load(r.content).dataobj).squeeze()
+
+
+def test_auto_segmentation_head_is_convex(fetal_server):
+    """The random-init test network's head is a ragged blob; after the bundle's FitEllipsed it is a filled ellipse,
+    so it is convex: every pixel centre inside the convex hull of the head's pixels belongs to the head."""
+    from scipy.spatial import Delaunay
+
+    head = _infer(fetal_server, FETAL, _image_id(fetal_server), {"return_guide": "none"}) == 1
+    assert head.sum() >= 20, "the test network should predict some head"
+    pts = np.argwhere(head)
+    ys, xs = np.mgrid[pts[:, 0].min() : pts[:, 0].max() + 1, pts[:, 1].min() : pts[:, 1].max() + 1]
+    grid = np.stack([ys.ravel(), xs.ravel()], 1)
+    inside = Delaunay(pts).find_simplex(grid) >= 0
+    assert head[grid[inside, 0], grid[inside, 1]].all(), "the head has dents or holes: it is not the fitted ellipse"
+
+
+def test_fetal_clicks_are_not_undone_by_the_shape_cleanups(fetal_server):
+    image_id = _image_id(fetal_server)
+    params = {"label": "fetal head", "click_method": "clickmaps", "return_guide": "none"}
+    base = _infer(fetal_server, INTERACTIVE, image_id, {**params, "foreground": [], "background": []}) == 1
+    # five foreground clicks on background pixels far apart: separate regions, none the largest
+    bg = np.argwhere(~base)
+    rng = np.random.default_rng(0)
+    points: list[list[int]] = []
+    for i in rng.permutation(len(bg)):
+        p = bg[i]
+        if all(np.abs(p - q).max() > 30 for q in points):
+            points.append([int(v) for v in p])
+        if len(points) == 5:
+            break
+    assert len(points) == 5
+    added = _infer(fetal_server, INTERACTIVE, image_id, {**params, "foreground": points, "background": []}) == 1
+    assert all(added[tuple(p)] for p in points), "each foreground click must add its pixel"
+    inside = np.argwhere(base)
+    if len(inside):
+        p = [int(v) for v in inside[len(inside) // 2]]
+        removed = _infer(fetal_server, INTERACTIVE, image_id, {**params, "foreground": [], "background": [p]}) == 1
+        assert not removed[tuple(p)], "a background click must remove its pixel"
