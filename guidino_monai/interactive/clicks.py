@@ -70,16 +70,32 @@ def world_points_to_grid(points: Sequence[Sequence[float]], from_affine: Any, to
     """Map voxel points of one grid (``from_affine``) to voxel coordinates of another (``to_affine``), via world space.
 
     Used to bring clicks given on the original image (MONAI Label sends ``[x, y, z]`` voxel indices of the file) onto
-    the preprocessed (reoriented, resampled) grid the network sees.
+    the preprocessed (reoriented, resampled) grid the network sees. The two affines may differ in size: a 2D image
+    read from NIfTI keeps the file's 4x4 affine as its original affine while its grid has a 3x3 one; the smaller one
+    is embedded (identity on the missing axes), points are padded with 0 on them, and each point comes back with as
+    many coordinates as it had.
     """
     a = np.asarray(from_affine, dtype=np.float64)
     b = np.asarray(to_affine, dtype=np.float64)
-    dims = a.shape[0] - 1
+    dims = max(a.shape[0], b.shape[0]) - 1
+    a, b = _embed_affine(a, dims), _embed_affine(b, dims)
     out = []
     for p in points:
-        hom = np.append(np.asarray(p[:dims], dtype=np.float64), 1.0)
+        n = min(len(p), dims)
+        hom = np.zeros(dims + 1)
+        hom[:n], hom[dims] = np.asarray(p[:n], dtype=np.float64), 1.0
         q = np.linalg.solve(b, a @ hom)
-        out.append([float(v) for v in q[:dims]])
+        out.append([float(v) for v in q[:n]])
+    return out
+
+
+def _embed_affine(affine: np.ndarray, dims: int) -> np.ndarray:
+    """A ``(k+1)x(k+1)`` affine as a ``(dims+1)x(dims+1)`` one, identity on the axes beyond ``k``."""
+    k = affine.shape[0] - 1
+    if k == dims:
+        return affine
+    out = np.eye(dims + 1)
+    out[:k, :k], out[:k, dims] = affine[:k, :k], affine[:k, k]
     return out
 
 
