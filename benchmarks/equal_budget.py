@@ -79,8 +79,7 @@ def train_and_eval(task: str, variant: str, seed: int, budget_s: float, args) ->
             raise SystemExit(f"--eval_only: no checkpoint at {work / 'models' / 'model.pt'}; train it first")
         eval_dir = work / f"eval{args.tag}"
         run(src, work, ["train.json", "evaluate.json"], "eval", eval_dir=str(eval_dir), **common)
-        row = {"task": task, "variant": variant + args.tag, "seed": seed, "eval_only": str(work),
-               "mean_dice": json.load(open(eval_dir / "metrics_summary.json"))["mean_dice"]}  # fmt: skip
+        row = {"task": task, "variant": variant + args.tag, "seed": seed, "eval_only": str(work)}
     else:
         work = Path(args.work) / f"{task}_{variant}{args.tag}_s{seed}"
         shutil.rmtree(work, ignore_errors=True)
@@ -98,9 +97,9 @@ def train_and_eval(task: str, variant: str, seed: int, budget_s: float, args) ->
         row = {"task": task, "variant": variant + args.tag, "seed": seed, "epochs": epochs,
                "first_epoch_s": round(first_s, 1), "epoch_s": round(epoch_s, 1), "train_s": round(train_s, 1),
                "budget_s": budget_s, "iterations": budget.iterations,
-               "mean_dice": json.load(open(eval_dir / "metrics_summary.json"))["mean_dice"],
                "pretrained_guide": bool(args.pretrained_weights)}  # fmt: skip
     summary = json.load(open(eval_dir / "metrics_summary.json"))
+    row["mean_dice"] = summary["mean_dice"]
     if args.overrides:
         row["overrides"] = args.overrides
     for k, v in summary["metrics"].items():

@@ -175,7 +175,23 @@ class SplitGuidedOutputd(MapTransform):
         return d
 
 
-class KeepLargestFilledComponentd(MapTransform):
+def _like(img: Any, out: np.ndarray) -> Any:
+    """``out`` (numpy) as the type of ``img``: a tensor of its dtype and device, a MetaTensor with its meta data."""
+    if not isinstance(img, torch.Tensor):
+        return out
+    result = torch.as_tensor(out, dtype=img.dtype, device=img.device)
+    return img.clone().copy_(result) if isinstance(img, MetaTensor) else result
+
+
+class _LabelMapTransform(MapTransform):
+    """A transform of label maps, one label value of ``applied_labels`` at a time."""
+
+    def __init__(self, keys: KeysCollection, applied_labels: Sequence[int], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.applied_labels = [int(v) for v in applied_labels]
+
+
+class KeepLargestFilledComponentd(_LabelMapTransform):
     """Keep the largest connected component of each label in ``applied_labels``, with its holes filled.
 
     The same clean-up as MONAI's ``KeepLargestConnectedComponentd`` followed by ``FillHolesd``, for a label map (one
@@ -188,10 +204,6 @@ class KeepLargestFilledComponentd(MapTransform):
         applied_labels: label values to clean, one at a time.
         allow_missing_keys: don't raise if a key is missing.
     """
-
-    def __init__(self, keys: KeysCollection, applied_labels: Sequence[int], allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.applied_labels = [int(v) for v in applied_labels]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from guidino_monai.metrics.head_circumference import largest_filled_component
@@ -208,15 +220,11 @@ class KeepLargestFilledComponentd(MapTransform):
                 keep = largest_filled_component(mask)
                 out[0][mask & ~keep] = 0
                 out[0][keep] = label
-            if isinstance(img, torch.Tensor):
-                result = torch.as_tensor(out, dtype=img.dtype, device=img.device)
-                d[key] = img.clone().copy_(result) if isinstance(img, MetaTensor) else result
-            else:
-                d[key] = out
+            d[key] = _like(img, out)
         return d
 
 
-class FitEllipsed(MapTransform):
+class FitEllipsed(_LabelMapTransform):
     """Replace each label in ``applied_labels`` of a 2D label map by the filled ellipse fitted to it.
 
     For shapes that are ellipses by definition, such as the HC18 fetal head labels (filled from the annotated
@@ -232,10 +240,6 @@ class FitEllipsed(MapTransform):
         applied_labels: label values to replace by their ellipse, one at a time.
         allow_missing_keys: don't raise if a key is missing.
     """
-
-    def __init__(self, keys: KeysCollection, applied_labels: Sequence[int], allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.applied_labels = [int(v) for v in applied_labels]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from guidino_monai.metrics.head_circumference import filled_ellipse
@@ -258,11 +262,7 @@ class FitEllipsed(MapTransform):
                 inside = filled_ellipse(mask)
                 out_plane[mask & ~inside] = 0
                 out_plane[inside] = label
-            if isinstance(img, torch.Tensor):
-                result = torch.as_tensor(out, dtype=img.dtype, device=img.device)
-                d[key] = img.clone().copy_(result) if isinstance(img, MetaTensor) else result
-            else:
-                d[key] = out
+            d[key] = _like(img, out)
         return d
 
 

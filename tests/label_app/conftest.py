@@ -115,7 +115,13 @@ def monailabel_ready():
 def serve_all_models(root: Path):
     """A server on 4 studies (1 with a final label) serving every model, for a module fixture to yield; stopped after."""
     studies = make_studies(root, num_cases=4, final_labels=1)
-    srv = Server(str(studies), root / "model", f"{HIPPO},{FETAL},{INTERACTIVE}", root / "server.log")
+    yield from serve(root, studies, f"{HIPPO},{FETAL},{INTERACTIVE}")
+
+
+def serve(root: Path, studies: Path, models: str, extra_conf: dict | None = None):
+    """A server on ``studies`` serving ``models``, for a module fixture to yield (``root`` and ``studies`` set on it);
+    stopped after."""
+    srv = Server(str(studies), root / "model", models, root / "server.log", extra_conf=extra_conf)
     try:
         srv.wait_ready()
         srv.root, srv.studies = root, studies

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FETAL, INTERACTIVE, Server
+from conftest import FETAL, INTERACTIVE, serve
 
 pytestmark = pytest.mark.usefixtures("monailabel_ready")
 
@@ -33,14 +33,7 @@ def fetal_server(tmp_path_factory):
     (studies / "labels" / "final").mkdir(parents=True)
     for img in sorted((demo / "imagesTr").glob("*.nii.gz")):
         shutil.copy(img, studies / img.name)
-    srv = Server(str(studies), root / "model", f"{FETAL},{INTERACTIVE}", root / "server.log",
-                 extra_conf={"interactive_bundle": FETAL})  # fmt: skip
-    try:
-        srv.wait_ready()
-        srv.root, srv.studies = root, studies
-        yield srv
-    finally:
-        srv.stop()
+    yield from serve(root, studies, f"{FETAL},{INTERACTIVE}", extra_conf={"interactive_bundle": FETAL})
 
 
 def _image_id(server) -> str:
