@@ -37,6 +37,7 @@ from .blocks import (
     resample_guide,
     sample_guide,
 )
+from .layout import channels_last
 from .nets import GateAt, GuidedDynUNet, GuidedSegResNet, GuidedUNet, GuidedUnet
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "IntensityScaling",
     "TokenBook",
     "apply_lora",
+    "channels_last",
     "coords_to_grid",
     "crop_guide",
     "create_guide_backbone",

@@ -322,3 +322,23 @@ def test_label_constraints_pin_torch_and_matching_torchvision(monkeypatch):
     del versions["torch"]
     with pytest.raises(RuntimeError, match="torch is not installed"):
         constraints.constraints()
+
+
+@pytest.mark.parametrize(
+    "bundle, rank, expect",
+    [("guidino_hippocampus_mri_segmentation", 5, True), ("guidino_fetalhead_us_segmentation", 4, False)],
+)
+def test_served_network_layout_follows_the_bundle(bundle, rank, expect, tmp_path):
+    """MONAI Label builds the served network from ``network_def``; the task applies the bundle's ``channels_last``."""
+    pytest.importorskip("monailabel")
+    sys.path.insert(0, str(APP_DIR))
+    from lib.bundles import prepare_bundle
+    from lib.infers.guided_bundle import GuidedBundleInferTask
+
+    task = GuidedBundleInferTask(prepare_bundle(bundle, tmp_path, {"guide": False}), {})  # as the app serves it
+    assert task.valid, bundle
+    net = task._get_network("cpu", {})
+    weight = next(p for p in net.parameters() if p.dim() == rank and p.shape[1] > 1 and p.shape[2] > 1)
+    fmt = torch.channels_last_3d if rank == 5 else torch.channels_last
+    assert (weight.is_contiguous(memory_format=fmt) and not weight.is_contiguous()) == expect, weight.stride()
+    assert task._get_network("cpu", {}) is net  # still MONAI Label's cached network
