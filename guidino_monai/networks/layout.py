@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -42,9 +44,7 @@ def channels_last(module: nn.Module, enabled: bool | str = True) -> nn.Module:
     """
     if not as_bool(enabled, "channels_last"):
         return module
-    for sub in module.modules():
-        for tensors in (sub._parameters, sub._buffers):
-            for t in tensors.values():
-                if t is not None and t.dim() in _FORMATS:
-                    t.data = t.data.contiguous(memory_format=_FORMATS[t.dim()])
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if t.dim() in _FORMATS:
+            t.data = t.data.contiguous(memory_format=_FORMATS[t.dim()])
     return module

@@ -84,6 +84,7 @@ class GuidedBundleInferTask(BundleInferTask):
             self._config.update({"return_guide": list(self.guide_modes), "mirror_axes": axes_choices(self.dimension)})
         self.weights_info: dict[str, Any] = {}
         self._channels_last: bool | None = None
+        self._laid_out: Any = None  # the network last converted (MONAI Label reloads a new one when weights change)
 
     def info(self) -> dict[str, Any]:
         info = super().info()
@@ -115,12 +116,15 @@ class GuidedBundleInferTask(BundleInferTask):
     def _get_network(self, device: Any, data: Any) -> Any:
         """MONAI Label's network (built from ``network_def``, cached per device), stored channels-last where the
         bundle's ``inference.json`` says ``channels_last`` is on (this bundle's CPU default; same values, faster 3D
-        convolutions). A TorchScript file is served as it is."""
+        convolutions), once per network MONAI Label builds. A TorchScript file is served as it is."""
         network = super()._get_network(device, data)
+        if network is self._laid_out:  # MONAI Label's cached network, already converted: nothing to do per request
+            return network
         if isinstance(network, torch.nn.Module) and not isinstance(network, torch.jit.ScriptModule):
             if self._channels_last is None:
                 self._channels_last = self._read_channels_last()
             channels_last(network, self._channels_last)
+        self._laid_out = network
         return network
 
     def _read_channels_last(self) -> bool:
