@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
+from guidino_monai.bundle import read_bundle_config
 from guidino_monai.networks import channels_last
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,13 +31,8 @@ BUNDLES = ["guidino_hippocampus_mri_segmentation", "guidino_fetalhead_us_segment
 
 
 def parsed(bundle: str, config: str, guide: bool) -> ConfigParser:
-    p = ConfigParser()
-    p.read_config(str(REPO / "bundles" / bundle / "configs" / config))
-    p["bundle_root"] = str(REPO / "bundles" / bundle)
-    p["device"] = "$torch.device('cpu')"
-    p["guide"] = guide
-    p["dataset_dir"] = None
-    return p
+    overrides = {"device": "$torch.device('cpu')", "guide": guide, "dataset_dir": None}
+    return read_bundle_config(REPO / "bundles" / bundle, config, overrides)
 
 
 def step_times(net: torch.nn.Module, train_x: torch.Tensor, infer_x: torch.Tensor, steps: int) -> tuple[float, float]:

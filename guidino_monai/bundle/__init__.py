@@ -24,6 +24,7 @@ from .utils import (
     is_main_process,
     loss_of,
     prepare_datalists,
+    read_bundle_config,
     require_file,
 )
 from .weights import WeightsNotPublishedError, download_weights, require_loader_weights, require_weights
@@ -43,6 +44,7 @@ __all__ = [
     "is_main_process",
     "loss_of",
     "prepare_datalists",
+    "read_bundle_config",
     "require_file",
     "require_loader_weights",
     "require_weights",

@@ -54,6 +54,19 @@ def is_main_process() -> bool:
     )
 
 
+def read_bundle_config(bundle_dir: str | os.PathLike, config: str, overrides: Mapping[str, Any] | None = None):
+    """A :class:`monai.bundle.ConfigParser` of ``<bundle_dir>/configs/<config>`` with ``bundle_root`` set to
+    ``bundle_dir`` and ``overrides`` (config ids, ``"a#b"`` allowed) applied, as ``monai.bundle run`` would."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle_dir) / "configs" / config))
+    parser["bundle_root"] = str(bundle_dir)
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser
+
+
 def find_bundle_root(default: str = ".") -> str:
     """The bundle folder of the config being run.
 

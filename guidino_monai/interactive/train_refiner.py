@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..bundle.utils import read_bundle_config
 from .clicks import next_click
 from .refinement import DEFAULT_REACH, DEFAULT_SIGMA, ClickRefinementNet, blend_near_clicks, click_guidance, \
     save_refiner, simulate_clicks
@@ -47,17 +48,6 @@ from .refinement import DEFAULT_REACH, DEFAULT_SIGMA, ClickRefinementNet, blend_
 __all__ = ["prepare_cases", "train_refiner", "main"]
 
 logger = logging.getLogger(__name__)
-
-
-def _parser(config: str, bundle_dir: Path, overrides: dict[str, Any]):
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle_dir / "configs" / config))
-    parser["bundle_root"] = str(bundle_dir)
-    for k, v in overrides.items():
-        parser[k] = v
-    return parser
 
 
 def prepare_cases(
@@ -77,9 +67,9 @@ def prepare_cases(
         FileNotFoundError: ``weights`` names no file.
     """
     bundle_dir = Path(bundle_dir)
-    train = _parser("train.json", bundle_dir, {"dataset_dir": dataset_dir, "max_cases": max_cases})
-    infer = _parser("inference.json", bundle_dir, {"device": "$torch.device('cpu')", "save_guide": False,
-                                                   "tta_axes": [], **(network_overrides or {})})  # fmt: skip
+    train = read_bundle_config(bundle_dir, "train.json", {"dataset_dir": dataset_dir, "max_cases": max_cases})
+    infer = read_bundle_config(bundle_dir, "inference.json", {"device": "$torch.device('cpu')", "save_guide": False,
+                                                              "tta_axes": [], **(network_overrides or {})})  # fmt: skip
     data = train.get_parsed_content("data")
     net = infer.get_parsed_content("network_def", instantiate=True)
     weights = Path(weights) if weights else bundle_dir / "models" / "model.pt"

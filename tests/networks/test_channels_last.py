@@ -5,9 +5,9 @@ from __future__ import annotations
 import unittest
 
 import torch
-from monai.bundle import ConfigParser
 from testing_utils import REPO_ROOT, SMALL_VIT, quiet_random_init_warning
 
+from guidino_monai.bundle import read_bundle_config
 from guidino_monai.networks import GuidedSegResNet, GuidedUNet, channels_last
 
 quiet_random_init_warning()
@@ -77,12 +77,8 @@ class TestChannelsLast(unittest.TestCase):
     def test_bundles_switch(self):
         for bundle in ("guidino_hippocampus_mri_segmentation",):  # the fetal 2D UNet gains 3-14%: left as it is
             for cfg, on in (("train.json", True), ("inference.json", False), ("inference.json", True)):
-                parser = ConfigParser()
-                parser.read_config(str(REPO_ROOT / "bundles" / bundle / "configs" / cfg))
-                parser["bundle_root"] = str(REPO_ROOT / "bundles" / bundle)
-                parser["device"] = "$torch.device('cpu')"
-                parser["guide"] = False
-                parser["channels_last"] = on
+                overrides = {"device": "$torch.device('cpu')", "guide": False, "channels_last": on}
+                parser = read_bundle_config(REPO_ROOT / "bundles" / bundle, cfg, overrides)
                 net = parser.get_parsed_content("network")
                 weight = distinct(net.parameters())
                 self.assertEqual(is_channels_last(weight), on, f"{bundle} {cfg} channels_last={on}")
