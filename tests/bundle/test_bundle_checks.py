@@ -129,7 +129,11 @@ class TestBundleDocs(unittest.TestCase):
         self.assertLess(tuple(int(x) for x in meta["required_packages_version"]["scipy"].split(".")[:2]), (1, 16))
         inference = json.loads((BUNDLES / name / "configs" / "inference.json").read_text())
         self.assertIn("dataset_dir", inference)  # InferProperties
-        self.assertTrue((BUNDLES / name / "configs" / "multi_gpu_evaluate.json").is_file())
+        mgpu_eval = json.loads((BUNDLES / name / "configs" / "multi_gpu_evaluate.json").read_text())
+        # evaluation has no gradients to synchronise; wrapped in DistributedDataParallel, about 1 gloo run in 25
+        # aborted at interpreter exit ("terminate called without an active exception") after writing its report
+        self.assertNotIn("DistributedDataParallel", json.dumps(mgpu_eval["network"]))
+        self.assertIn("@network_def", mgpu_eval["network"])
         self.assertEqual(inference["imports"].index("$import scripts") + 1, inference["imports"].index(
             "$import guidino_monai"), "the bundle's scripts/ must come before guidino_monai")  # fmt: skip
 
