@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FETAL, INTERACTIVE, serve
+from conftest import FETAL, INTERACTIVE, seed_mixed_weights, serve
 
 pytestmark = pytest.mark.usefixtures("monailabel_ready")
 
@@ -31,8 +31,10 @@ def fetal_server(tmp_path_factory):
     demo = Path(make_demo_dataset(root / "demo", "fetalhead", num_cases=2, seed=3))
     studies = root / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
-    for img in sorted((demo / "imagesTr").glob("*.nii.gz")):
+    images = sorted((demo / "imagesTr").glob("*.nii.gz"))
+    for img in images:
         shutil.copy(img, studies / img.name)
+    seed_mixed_weights(FETAL, root / "model", images[0])  # the first image (the test's) gets both classes
     yield from serve(root, studies, f"{FETAL},{INTERACTIVE}", extra_conf={"interactive_bundle": FETAL})
 
 
@@ -70,7 +72,7 @@ def test_fetal_clicks_are_not_undone_by_the_shape_cleanups(fetal_server):
     added = _infer(fetal_server, INTERACTIVE, image_id, {**params, "foreground": points, "background": []}) == 1
     assert all(added[tuple(p)] for p in points), "each foreground click must add its pixel"
     inside = np.argwhere(base)
-    if len(inside):
-        p = [int(v) for v in inside[len(inside) // 2]]
-        removed = _infer(fetal_server, INTERACTIVE, image_id, {**params, "foreground": [], "background": [p]}) == 1
-        assert not removed[tuple(p)], "a background click must remove its pixel"
+    assert len(inside), "the seeded test network must answer some foreground"
+    p = [int(v) for v in inside[len(inside) // 2]]
+    removed = _infer(fetal_server, INTERACTIVE, image_id, {**params, "foreground": [], "background": [p]}) == 1
+    assert not removed[tuple(p)], "a background click must remove its pixel"
