@@ -1,5 +1,6 @@
-"""Each bundle trained at an equal CPU wall-clock budget: guided vs plain vs the bundle's previous network vs a guided
-and a plain DynUNet (nnU-Net architecture), evaluated on the bundle's own validation split.
+"""Each bundle trained at an equal CPU wall-clock budget: guided vs plain vs a guided and a plain DynUNet (nnU-Net
+architecture) vs the bundle's previous network (``plain_segresnet`` / ``guided_segresnet``: the hippocampus bundle's
+SegResNet up to release 0.3.1), evaluated on the bundle's own validation split.
 
 Time, not epochs: every variant trains until ``--budget_min`` of wall-clock time is spent (first epoch, guide token
 cache, per-epoch validation and checkpointing included), and its learning rate follows a cosine over *elapsed time*
@@ -54,21 +55,38 @@ def dynunet_def(task: str) -> dict:
             "gate_mode": "@gate_mode", "guide_kwargs": "@guide_kwargs", **DYNUNET[task]}  # fmt: skip
 
 
-VARIANTS = {  # name -> (guide, use DynUNet)
-    "plain": (False, False),
-    "guided": (True, False),
-    "plain_dynunet": (False, True),
-    "guided_dynunet": (True, True),
+#: the network a bundle shipped before its current one (hippocampus: SegResNet up to release 0.3.1)
+PREVIOUS = {
+    "hippocampus": {"_target_": "guidino_monai.networks.GuidedSegResNet", "spatial_dims": 3, "in_channels": 1,
+                    "out_channels": "@num_classes", "init_filters": 8, "blocks_down": [1, 2, 2, 4],
+                    "blocks_up": [1, 1, 1], "use_guide": "@guide", "guide_backbone": "@guide_backbone",
+                    "guide_backbone_kwargs": "@guide_backbone_kwargs", "pretrained_weights": "@pretrained_weights",
+                    "lora_rank": "@lora_rank", "gate_at": "@gate_at", "gate_mode": "@gate_mode",
+                    "guide_kwargs": "@guide_kwargs"},
+}  # fmt: skip
+
+VARIANTS = {  # name -> (guide, network: None = the bundle's own, "dynunet", "segresnet" = PREVIOUS[task])
+    "plain": (False, None),
+    "guided": (True, None),
+    "plain_dynunet": (False, "dynunet"),
+    "guided_dynunet": (True, "dynunet"),
+    "plain_segresnet": (False, "segresnet"),
+    "guided_segresnet": (True, "segresnet"),
 }
+DEFAULT_VARIANTS = ["plain", "guided", "plain_dynunet", "guided_dynunet"]
 
 
 def train_and_eval(task: str, variant: str, seed: int, budget_s: float, args) -> dict:
     name, data = BUNDLES[task]
     src = REPO / "bundles" / name
-    guided, dyn = VARIANTS[variant]
+    guided, network = VARIANTS[variant]
     common = dict(dataset_dir=str(data), max_cases=args.max_cases, seed=seed, guide=guided, num_workers=0,
                   progress=False, pretrained_weights=args.pretrained_weights)  # fmt: skip
-    if dyn:
+    if network == "segresnet":
+        if task not in PREVIOUS:
+            raise SystemExit(f"{variant}: the {task} bundle has no previous SegResNet network")
+        common["network_def"] = PREVIOUS[task]
+    if network == "dynunet":
         common["network_def"] = dynunet_def(task)
         if task == "fetalhead":
             common["gate_at"] = "bottleneck"
@@ -161,7 +179,7 @@ class TimeBudget:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["fetalhead", "hippocampus"], choices=list(BUNDLES))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--budget_min", type=float, default=20.0)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--max_cases", type=int, default=None, help="cases per task (default: all)")

@@ -161,7 +161,7 @@ class GuiDINOApp(MONAILabelApp):
             studies=studies,
             conf=conf,
             name="GuiDINO",
-            description="GuiDINO-guided segmentation (DINO guide mask gating a MONAI SegResNet/UNet)",
+            description="GuiDINO-guided segmentation (DINO guide mask gating a MONAI DynUNet/UNet)",
             version="0.1.0",
         )
         if isinstance(self._datastore, GuidedLocalDatastore):

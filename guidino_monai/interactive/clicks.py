@@ -132,7 +132,8 @@ class ClickRefiner:
     window). So a click costs one TokenBook pass and one backbone pass, not a ViT pass.
 
     Args:
-        network: a guided network (``GuidedSegResNet`` / ``GuidedUNet``) with ``use_guide=True``, in eval mode.
+        network: a guided network (``GuidedSegResNet`` / ``GuidedUNet`` / ``GuidedDynUNet``) with ``use_guide=True``,
+            in eval mode.
         roi_size: sliding-window size; ``None`` runs the whole image at once.
         sw_kwargs: further :class:`~guidino_monai.inferers.GuidedSlidingWindowInferer` arguments (``sw_batch_size``,
             ``overlap``, ``mode``, ...).

@@ -151,6 +151,15 @@ def _write_config(src: Path, dst: Path, overrides: dict[str, Any]) -> None:
     atomic_write(dst, lambda tmp: Path(tmp).write_text(json.dumps(parser.config, indent=4)))
 
 
+def _fits(network: torch.nn.Module, path: Path) -> bool:
+    """Whether the checkpoint at ``path`` loads strictly into ``network`` (loading it if so)."""
+    try:
+        load_weights(network, path)
+    except RuntimeError:  # missing / unexpected keys or other shapes
+        return False
+    return True
+
+
 def prepare_bundle(
     name: str,
     model_dir: str | os.PathLike,
@@ -213,7 +222,9 @@ def prepare_bundle(
                 " to serve those",
                 name, served, trained, served,
             )  # fmt: skip
-    elif not served.is_file():
+    elif not served.is_file() or (prov.get("source") == "random" and not _fits(network, served)):
+        # random weights written by an earlier start for another network (e.g. the bundle's SegResNet before 0.4.0)
+        # carry nothing: a new random init replaces them; trained weights that do not fit raise below instead
         atomic_torch_save(network.state_dict(), served)
         write_provenance(dst, {"source": "random"})
         logger.warning(

@@ -61,5 +61,31 @@ class TestOverrides(unittest.TestCase):
             equal_budget.parse_overrides(["gate_mode"])
 
 
+class TestNetworks(unittest.TestCase):
+    def test_variants_build_their_networks_in_the_bundle(self):
+        """``*_dynunet`` is the hippocampus bundle's own network since 0.4.0; ``*_segresnet`` the one before."""
+        from monai.bundle import ConfigParser
+
+        from guidino_monai.networks import GuidedDynUNet, GuidedSegResNet
+
+        cfg = equal_budget.REPO / "bundles" / equal_budget.BUNDLES["hippocampus"][0] / "configs" / "train.json"
+        built = {}
+        for name, net_def in (("bundle", None), ("dynunet", equal_budget.dynunet_def("hippocampus")),
+                              ("segresnet", equal_budget.PREVIOUS["hippocampus"])):  # fmt: skip
+            parser = ConfigParser()
+            parser.read_config(str(cfg))
+            if net_def is not None:
+                parser["network_def"] = net_def
+            parser["guide_backbone_kwargs"] = {"depth": 1}
+            built[name] = parser.get_parsed_content("network_def")
+        self.assertIsInstance(built["segresnet"], GuidedSegResNet)
+        self.assertIsInstance(built["dynunet"], GuidedDynUNet)
+        self.assertIsInstance(built["bundle"], GuidedDynUNet)
+        bundle, dyn = built["bundle"].state_dict(), built["dynunet"].state_dict()
+        self.assertEqual({k: v.shape for k, v in bundle.items()}, {k: v.shape for k, v in dyn.items()})
+        with self.assertRaises(SystemExit):
+            equal_budget.train_and_eval("fetalhead", "plain_segresnet", 0, 1.0, mock.Mock(overrides={}))
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -31,7 +31,7 @@ FAST = {
         "progress": False,
         "guide_backbone_kwargs": {"depth": 2},
         "guide_kwargs#guide_size": 28,
-        "network_def#init_filters": 8,
+        "network_def#filters": [8, 16, 32, 64],
         "num_demo_cases": 6,
     },
     FETAL: {
@@ -50,7 +50,7 @@ FAST = {
     },
 }
 
-INFER_KEYS = ("roi_size", "guide_backbone_kwargs", "guide_kwargs#guide_size", "network_def#init_filters",
+INFER_KEYS = ("roi_size", "guide_backbone_kwargs", "guide_kwargs#guide_size", "network_def#filters",
               "network_def#channels", "network_def#strides", "network_def#num_res_units")  # fmt: skip
 
 

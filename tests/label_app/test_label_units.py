@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,6 +298,40 @@ def test_bundle_weights_replace_random_ones_at_restart(tmp_path):
     app_trained = served.read_bytes()
     prepare_bundle(name, model_dir, overrides, "bundle", bundles_dir=bundles)
     assert served.read_bytes() == app_trained and weights_status(path)["source"] == "app training"
+
+
+def test_random_weights_of_another_network_are_replaced_trained_ones_are_not(tmp_path):
+    """A start with a changed network (a new bundle release, other overrides) re-initialises weights that an earlier
+    start wrote at random; weights trained in the app that do not fit stop the start with the file named."""
+    pytest.importorskip("monailabel")
+    import shutil
+
+    sys.path.insert(0, str(APP_DIR))
+    from lib.bundles import BUNDLES_DIR, load_weights, prepare_bundle, read_provenance, write_provenance
+
+    name = "guidino_hippocampus_mri_segmentation"
+    bundles = tmp_path / "bundles"
+    shutil.copytree(BUNDLES_DIR / name / "configs", bundles / name / "configs")
+    model_dir = tmp_path / "model"
+    small = {"guide_backbone_kwargs": {"depth": 2}, "network_def#filters": [8, 16, 32, 64]}
+    path = prepare_bundle(name, model_dir, small, "bundle", bundles_dir=bundles)
+    served = Path(path) / "models" / "model.pt"
+    old = torch.load(served, weights_only=True)
+    wide = {"guide_backbone_kwargs": {"depth": 2}}  # the bundle's own filters: other shapes
+    path = prepare_bundle(name, model_dir, wide, "bundle", bundles_dir=bundles)
+    new = torch.load(served, weights_only=True)
+    assert read_provenance(path)["source"] == "random"
+    assert any(new[k].shape != old[k].shape for k in old if k in new)
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(path) / "configs" / "inference.json"))
+    load_weights(parser.get_parsed_content("network_def"), served)  # the served weights fit the served network
+    write_provenance(path, {"source": "app training"})
+    with pytest.raises(RuntimeError, match="does not fit"):
+        prepare_bundle(name, model_dir, small, "bundle", bundles_dir=bundles)
+    kept = torch.load(served, weights_only=True)
+    assert all(torch.equal(kept[k], new[k]) for k in new)  # the trained weights were not overwritten
 
 
 def test_label_constraints_pin_torch_and_matching_torchvision(monkeypatch):
