@@ -261,18 +261,27 @@ def test_drop_guide_segment(tmp_path):
     assert drop_guide_segment(path, {}) == (path, False)
 
 
-def test_bundle_weights_replace_random_ones_at_restart(tmp_path):
-    """No trained weights: random ones, recorded as such; once the bundle has trained weights, a restart serves them."""
+@pytest.fixture
+def hippo_app_copy(tmp_path):
+    """``(name, bundles_dir, model_dir)``: the hippocampus bundle's configs alone (no weights) in a bundles folder of
+    its own, and an empty app model folder, for :func:`lib.bundles.prepare_bundle`."""
     pytest.importorskip("monailabel")
     import shutil
 
     sys.path.insert(0, str(APP_DIR))
-    from lib.bundles import BUNDLES_DIR, prepare_bundle, read_provenance, weights_status
+    from lib.bundles import BUNDLES_DIR
 
     name = "guidino_hippocampus_mri_segmentation"
     bundles = tmp_path / "bundles"
     shutil.copytree(BUNDLES_DIR / name / "configs", bundles / name / "configs")
-    model_dir = tmp_path / "model"
+    return name, bundles, tmp_path / "model"
+
+
+def test_bundle_weights_replace_random_ones_at_restart(hippo_app_copy):
+    """No trained weights: random ones, recorded as such; once the bundle has trained weights, a restart serves them."""
+    from lib.bundles import prepare_bundle, read_provenance, weights_status
+
+    name, bundles, model_dir = hippo_app_copy
     overrides = {"guide_backbone_kwargs": {"depth": 2}}
     path = prepare_bundle(name, model_dir, overrides, "bundle", bundles_dir=bundles)
     status = weights_status(path)
@@ -300,19 +309,12 @@ def test_bundle_weights_replace_random_ones_at_restart(tmp_path):
     assert served.read_bytes() == app_trained and weights_status(path)["source"] == "app training"
 
 
-def test_random_weights_of_another_network_are_replaced_trained_ones_are_not(tmp_path):
+def test_random_weights_of_another_network_are_replaced_trained_ones_are_not(hippo_app_copy):
     """A start with a changed network (a new bundle release, other overrides) re-initialises weights that an earlier
     start wrote at random; weights trained in the app that do not fit stop the start with the file named."""
-    pytest.importorskip("monailabel")
-    import shutil
+    from lib.bundles import load_weights, prepare_bundle, read_provenance, write_provenance
 
-    sys.path.insert(0, str(APP_DIR))
-    from lib.bundles import BUNDLES_DIR, load_weights, prepare_bundle, read_provenance, write_provenance
-
-    name = "guidino_hippocampus_mri_segmentation"
-    bundles = tmp_path / "bundles"
-    shutil.copytree(BUNDLES_DIR / name / "configs", bundles / name / "configs")
-    model_dir = tmp_path / "model"
+    name, bundles, model_dir = hippo_app_copy
     small = {"guide_backbone_kwargs": {"depth": 2}, "network_def#filters": [8, 16, 32, 64]}
     path = prepare_bundle(name, model_dir, small, "bundle", bundles_dir=bundles)
     served = Path(path) / "models" / "model.pt"
