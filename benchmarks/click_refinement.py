@@ -139,8 +139,8 @@ def run_case(
     return scores, seconds, len(fg), len(bg)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_case_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments that pick the network and the held-out cases (shared with ``click_error_anatomy.py``)."""
     ap.add_argument("--dataset_dir", default=str(Path(__file__).resolve().parents[2] / "shared/data/msd_hippocampus"))
     ap.add_argument("--weights", default=str(BUNDLE / "models" / "model.pt"))
     ap.add_argument("--num_cases", type=int, default=10)
@@ -150,9 +150,6 @@ def main() -> None:
         default=None,
         help="as the training run's max_cases, so the validation split is the one it held out",
     )
-    ap.add_argument("--clicks", type=int, default=5)
-    ap.add_argument("--radius", type=float, default=2.0, help="click region radius (mm; the grid is 1 mm)")
-    ap.add_argument("--tolerance", type=float, default=1.0, help="click region intensity band (std)")
     ap.add_argument(
         "--tiny",
         action="store_true",
@@ -162,27 +159,14 @@ def main() -> None:
     ap.add_argument("--exclude_first", type=int, default=0,
                     help="leave out the first N cases by name (those a quick --max_cases N training run saw, and the "
                     "validation cases the click regions were tuned on): a clean held-out set")  # fmt: skip
-    ap.add_argument("--methods", default="prototypes,prototypes+regions,regions")
-    ap.add_argument("--refiner", default=str(BUNDLE / "models" / "click_refiner.pt"),
-                    help="click refiner weights for the refiner methods")  # fmt: skip
-    ap.add_argument("--reach", type=float, default=None,
-                    help="refine_with_clicks' reach for the refiner methods (voxels; default: the refiner file's own, "
-                    "as the app serves it; -1: global)")  # fmt: skip
-    ap.add_argument("--oracle_radius", type=float, nargs="+", default=[4.0],
-                    help="ball radii (voxels) of the oracle method; each radius is its own column (oracle_r<R>)")
-    ap.add_argument("--max_radius", type=float, default=6.0, help="largest click region radius (mm)")
-    ap.add_argument("--uncertain_band", type=float, default=0.1,
-                    help="apply_clicks' uncertain_band for the methods with regions (the app's default; -1: off)")
-    ap.add_argument("--sigma", type=float, default=4.0, help="bias_clicks' click map width (mm) for clickmaps")
-    ap.add_argument("--strength", type=float, default=4.0, help="bias_clicks' smallest click map height")
-    ap.add_argument("--margin", type=float, default=2.0, help="bias_clicks' margin at the clicked voxel")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if args.uncertain_band is not None and args.uncertain_band < 0:
-        args.uncertain_band = None
+
+
+def load_cases_and_network(args: argparse.Namespace) -> dict:
+    """The bundle's validation cases (seed 0, less ``--exclude_first``), its network with ``--weights``, the
+    preprocessing and a :class:`ClickRefiner` on it: ``dict(data, cases, net, weights, guide_vit, pre, refiner)``."""
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-
     train = ConfigParser()
     train.read_config(str(BUNDLE / "configs" / "train.json"))
     train["bundle_root"] = str(BUNDLE)
@@ -211,6 +195,37 @@ def main() -> None:
     pre = train.get_parsed_content("validate#preprocessing", instantiate=True)
     roi = infer.get_parsed_content("roi_size")
     refiner = ClickRefiner(net, roi_size=roi, sw_batch_size=4, overlap=0.5, mode="gaussian")
+    return {"data": data, "cases": cases, "net": net, "weights": weights, "guide_vit": guide_vit, "pre": pre,
+            "refiner": refiner}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_case_args(ap)
+    ap.add_argument("--clicks", type=int, default=5)
+    ap.add_argument("--radius", type=float, default=2.0, help="click region radius (mm; the grid is 1 mm)")
+    ap.add_argument("--tolerance", type=float, default=1.0, help="click region intensity band (std)")
+    ap.add_argument("--methods", default="prototypes,prototypes+regions,regions")
+    ap.add_argument("--refiner", default=str(BUNDLE / "models" / "click_refiner.pt"),
+                    help="click refiner weights for the refiner methods")  # fmt: skip
+    ap.add_argument("--reach", type=float, default=None,
+                    help="refine_with_clicks' reach for the refiner methods (voxels; default: the refiner file's own, "
+                    "as the app serves it; -1: global)")  # fmt: skip
+    ap.add_argument("--oracle_radius", type=float, nargs="+", default=[4.0],
+                    help="ball radii (voxels) of the oracle method; each radius is its own column (oracle_r<R>)")
+    ap.add_argument("--max_radius", type=float, default=6.0, help="largest click region radius (mm)")
+    ap.add_argument("--uncertain_band", type=float, default=0.1,
+                    help="apply_clicks' uncertain_band for the methods with regions (the app's default; -1: off)")
+    ap.add_argument("--sigma", type=float, default=4.0, help="bias_clicks' click map width (mm) for clickmaps")
+    ap.add_argument("--strength", type=float, default=4.0, help="bias_clicks' smallest click map height")
+    ap.add_argument("--margin", type=float, default=2.0, help="bias_clicks' margin at the clicked voxel")
+    args = ap.parse_args()
+    if args.uncertain_band is not None and args.uncertain_band < 0:
+        args.uncertain_band = None
+
+    setup = load_cases_and_network(args)
+    data, cases, weights, guide_vit = setup["data"], setup["cases"], setup["weights"], setup["guide_vit"]
+    pre, refiner = setup["pre"], setup["refiner"]
     steps = sorted({0, 1, 3, args.clicks} & set(range(args.clicks + 1)))
     known = {"prototypes": (False, True, False), "prototypes+regions": (True, True, False),
              "regions": (True, False, False), "refiner": (False, False, True), "refiner+regions": (True, False, True),
