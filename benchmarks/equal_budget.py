@@ -8,6 +8,9 @@ cache, per-epoch validation and checkpointing included), and its learning rate f
 simply gets fewer epochs. The bundle's best-validation checkpoint is then evaluated on the same validation split with
 the bundle's ``evaluate.json`` (identical post-processing for every variant). Prints Dice, HD95, HC error
 mean/median/max and failures (HC error > 10 mm) per variant and seed, the epochs done and the seconds per epoch.
+The JSON also records the machine (:func:`machine_reference`: CPU, threads, torch and the seconds of one fixed
+training step of MONAI's DynUNet), measured before the runs: a budget buys fewer epochs on a slower machine, so rows
+from two JSON files compare only where their reference steps are close.
 
 Usage (CPU, real data in ../shared/data; about budget x variants x seeds x tasks minutes; run nothing else meanwhile,
 a second job on 2 cores slows both)::
@@ -74,6 +77,44 @@ VARIANTS = {  # name -> (guide, network: None = the bundle's own, "dynunet", "se
     "guided_segresnet": (True, "segresnet"),
 }
 DEFAULT_VARIANTS = ["plain", "guided", "plain_dynunet", "guided_dynunet"]
+
+
+def machine_reference(steps: int = 5, warmup: int = 2, shape: tuple[int, ...] = (4, 1, 32, 48, 32),
+                      clock=time.perf_counter) -> dict:  # fmt: skip
+    """The machine the rows were measured on, with a fixed-work timing that tells machines apart.
+
+    ``reference_step_s``: seconds per AdamW training step of MONAI's own ``DynUNet`` with the hippocampus bundle's
+    geometry (filters 16-128, 3 classes, one batch of the bundle's 4 crops of 32x48x32), median of ``steps`` after
+    ``warmup`` (``clock``: seconds). Epoch counts and times from two runs compare only where their reference steps
+    are close.
+    """
+    import platform
+
+    from monai.networks.nets import DynUNet
+
+    torch.manual_seed(0)
+    net = DynUNet(3, shape[1], 3, kernel_size=[3] * 4, strides=[1, 2, 2, 2], upsample_kernel_size=[2] * 3,
+                  filters=[16, 32, 64, 128], res_block=True)  # fmt: skip
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x, y = torch.randn(shape), torch.randint(0, 3, (shape[0],) + tuple(shape[2:]))
+    times = []
+    for i in range(warmup + steps):
+        t = clock()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        dt = clock() - t
+        if i >= warmup:
+            times.append(dt)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "reference_step_s": round(statistics.median(times), 3)}  # fmt: skip
 
 
 def train_and_eval(task: str, variant: str, seed: int, budget_s: float, args) -> dict:
@@ -197,6 +238,8 @@ def main() -> int:
     args.overrides = parse_overrides(args.set)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    machine = machine_reference()
+    print(f"machine: {json.dumps(machine)}", flush=True)
     rows = []
     for task in args.tasks:
         if not BUNDLES[task][1].is_dir():
@@ -209,7 +252,8 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
     print(format_table(rows))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "command": " ".join(sys.argv)}, indent=2) + "\n")
+    out = {"rows": rows, "command": " ".join(sys.argv), "machine": machine}
+    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

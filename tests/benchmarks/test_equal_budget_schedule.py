@@ -1,5 +1,5 @@
 """benchmarks/equal_budget.py's TimeBudget: a cosine learning rate over elapsed time and a stop at the budget, with a
-last validation; time is faked, so the schedule is checked exactly."""
+last validation; time is faked, so the schedule is checked exactly. Also the machine record (reference step)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,17 @@ class TestNetworks(unittest.TestCase):
         self.assertEqual({k: v.shape for k, v in bundle.items()}, {k: v.shape for k, v in dyn.items()})
         with self.assertRaises(SystemExit):
             equal_budget.train_and_eval("fetalhead", "plain_segresnet", 0, 1.0, mock.Mock(overrides={}))
+
+
+class TestMachineReference(unittest.TestCase):
+    def test_reference_step_is_timed_on_this_machine(self):
+        times = iter([0.0, 0.0, 10.0, 12.5, 20.0, 21.0, 30.0, 36.0])  # warmup step, then steps of 2.5, 1 and 6 s
+        machine = equal_budget.machine_reference(steps=3, warmup=1, shape=(1, 1, 16, 16, 16), clock=lambda: next(times))
+        self.assertEqual(machine["reference_step_s"], 2.5)  # the median (not the mean, nor the warmup)
+        self.assertEqual(machine["threads"], torch.get_num_threads())
+        self.assertEqual(machine["torch"], torch.__version__)
+        self.assertIsInstance(machine["cpu"], str)
+        self.assertTrue(machine["cpu"])
 
 
 if __name__ == "__main__":
