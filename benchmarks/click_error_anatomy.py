@@ -8,7 +8,8 @@ here gets near it, on the same cases, network and simulated user as ``click_refi
   piece, and the share of all error voxels in the 1, 3 and 5 largest pieces: with 3 clicks, a correction that fixes
   exactly the clicked pieces can fix at most the top-3 share;
 - **local rules at the first click** (Dice gain after that one click, and the voxels each rule fixed and broke):
-  ``piece``: the true label pasted into the clicked piece (the oracle, as ``oracle_component``); ``dilate_R<r>``:
+  ``piece``: the true label pasted into the clicked piece (the oracle, ``click_refinement.fix_pieces`` as
+  ``oracle_component``); ``dilate_R<r>``:
   the clicked class grown by one voxel into the class predicted at the click, within ``r`` mm of the click;
   ``flip_R<r>_p<t>``: every voxel of the class predicted at the click, within ``r`` mm, whose network probability of
   the clicked class is at least ``t``, given that class (a local threshold shift).
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from click_refinement import add_case_args, dice, load_cases_and_network
+from click_refinement import add_case_args, ball, dice, fix_pieces, load_cases_and_network
 from scipy import ndimage
 
 from guidino_monai.interactive import next_click
@@ -48,24 +49,10 @@ def error_pieces(pred: np.ndarray, label: np.ndarray) -> np.ndarray:
     return np.sort(np.bincount(pieces.ravel(), minlength=n + 1)[1:])[::-1]
 
 
-def _ball(shape, point, radius: float) -> np.ndarray:
-    grid = np.indices(shape)
-    return sum((grid[i] - point[i]) ** 2 for i in range(len(shape))) <= radius**2
-
-
-def fix_piece(pred: np.ndarray, label: np.ndarray, point) -> np.ndarray:
-    """The oracle: the true label in the error piece under ``point``."""
-    pieces, _ = ndimage.label(pred != label)
-    out = pred.copy()
-    hit = pieces == pieces[tuple(point)]
-    out[hit] = label[hit]
-    return out
-
-
 def dilate_near(pred: np.ndarray, point, target: int, radius: float) -> np.ndarray:
     """Grow class ``target`` by one voxel (face neighbours) into the class predicted at ``point``, within ``radius``."""
     source = int(pred[tuple(point)])
-    grown = ndimage.binary_dilation(pred == target) & (pred == source) & _ball(pred.shape, point, radius)
+    grown = ndimage.binary_dilation(pred == target) & (pred == source) & ball(pred.shape, point, radius)
     grown[tuple(point)] = True
     out = pred.copy()
     out[grown] = target
@@ -76,7 +63,7 @@ def flip_near(pred: np.ndarray, probs: np.ndarray, point, target: int, radius: f
     """Give class ``target`` every voxel of the class predicted at ``point`` within ``radius`` whose probability of
     ``target`` is at least ``threshold``."""
     source = int(pred[tuple(point)])
-    flip = (pred == source) & (probs[target] >= threshold) & _ball(pred.shape, point, radius)
+    flip = (pred == source) & (probs[target] >= threshold) & ball(pred.shape, point, radius)
     flip[tuple(point)] = True
     out = pred.copy()
     out[flip] = target
@@ -91,7 +78,7 @@ def first_click_rules(pred: np.ndarray, probs: np.ndarray, label: np.ndarray) ->
     point = click[0]
     target = int(label[tuple(point)])
     base = dice(pred, label)
-    outs = {"piece": fix_piece(pred, label, point)}
+    outs = {"piece": fix_pieces(pred, label, [point])}
     for r in RADII:
         outs[f"dilate_R{r:g}"] = dilate_near(pred, point, target, r)
         for t in THRESHOLDS:

@@ -69,6 +69,23 @@ def dice(pred: np.ndarray, label: np.ndarray, labels=(1, 2)) -> float:
     return float(np.mean(scores))
 
 
+def ball(shape, point, radius: float) -> np.ndarray:
+    """Voxels within ``radius`` (voxels) of ``point``."""
+    grid = np.indices(shape)
+    return sum((grid[i] - point[i]) ** 2 for i in range(len(shape))) <= radius**2
+
+
+def fix_pieces(pred: np.ndarray, label: np.ndarray, points) -> np.ndarray:
+    """The truth pasted into the error pieces (``pred != label``, face-connected, as :func:`next_click` finds them)
+    under ``points``: the ceiling of a correction that fixes whole clicked pieces. Returns a copy."""
+    pieces, _ = ndimage.label(pred != label)
+    hit = {int(pieces[tuple(point)]) for point in points} - {0}
+    fix = np.isin(pieces, sorted(hit))
+    out = pred.copy()
+    out[fix] = label[fix]
+    return out
+
+
 def run_case(
     refiner: ClickRefiner,
     image: torch.Tensor,
@@ -114,15 +131,11 @@ def run_case(
                                      uncertain_band=uncertain_band)  # fmt: skip
         pred = probs.argmax(0)
         if oracle_radius is not None and history:  # the upper bound: the truth in a ball around every click
-            grid = np.indices(pred.shape)
             for point, _, _ in history:
-                ball = sum((grid[i] - point[i]) ** 2 for i in range(pred.ndim)) <= oracle_radius**2
-                pred[ball] = label[ball]
+                near = ball(pred.shape, point, oracle_radius)
+                pred[near] = label[near]
         if oracle_component and history:  # the upper bound: the truth in the whole error piece under every click
-            pieces, _ = ndimage.label(pred != label)  # as next_click finds them
-            hit = {int(pieces[tuple(point)]) for point, _, _ in history} - {0}
-            fix = np.isin(pieces, sorted(hit))
-            pred[fix] = label[fix]
+            pred = fix_pieces(pred, label, [point for point, _, _ in history])
         if k > 0:
             seconds.append(time.perf_counter() - t)
         if k in steps:

@@ -84,7 +84,7 @@ def machine_reference(steps: int = 5, warmup: int = 2, shape: tuple[int, ...] = 
     """The machine the rows were measured on, with a fixed-work timing that tells machines apart.
 
     ``reference_step_s``: seconds per AdamW training step of MONAI's own ``DynUNet`` with the hippocampus bundle's
-    geometry (filters 16-128, 3 classes, one batch of the bundle's 4 crops of 32x48x32), median of ``steps`` after
+    geometry (:data:`DYNUNET`, 3 classes, one batch of the bundle's 4 crops of 32x48x32), median of ``steps`` after
     ``warmup`` (``clock``: seconds). Epoch counts and times from two runs compare only where their reference steps
     are close.
     """
@@ -93,8 +93,7 @@ def machine_reference(steps: int = 5, warmup: int = 2, shape: tuple[int, ...] = 
     from monai.networks.nets import DynUNet
 
     torch.manual_seed(0)
-    net = DynUNet(3, shape[1], 3, kernel_size=[3] * 4, strides=[1, 2, 2, 2], upsample_kernel_size=[2] * 3,
-                  filters=[16, 32, 64, 128], res_block=True)  # fmt: skip
+    net = DynUNet(in_channels=shape[1], out_channels=3, res_block=True, **DYNUNET["hippocampus"])
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     x, y = torch.randn(shape), torch.randint(0, 3, (shape[0],) + tuple(shape[2:]))
     times = []

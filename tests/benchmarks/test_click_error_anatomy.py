@@ -10,11 +10,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import click_error_anatomy as anatomy  # noqa: E402
-
-
-def _sphere(shape, centre, radius):
-    grid = np.indices(shape)
-    return sum((grid[i] - centre[i]) ** 2 for i in range(len(shape))) <= radius**2
+import click_refinement  # noqa: E402
 
 
 class TestErrorPieces(unittest.TestCase):
@@ -32,7 +28,7 @@ class TestErrorPieces(unittest.TestCase):
         pred = label.copy()
         pred[1, 1, 1:4] = 1
         pred[6, 6, 6] = 1
-        out = anatomy.fix_piece(pred, label, [1, 1, 2])
+        out = click_refinement.fix_pieces(pred, label, [[1, 1, 2]])
         self.assertFalse(out[1, 1, 1:4].any())
         self.assertEqual(out[6, 6, 6], 1)
 
@@ -50,7 +46,7 @@ class TestLocalRules(unittest.TestCase):
         out = anatomy.dilate_near(self.pred, self.click, target=1, radius=3.0)
         grown = (out == 1) & (self.pred == 0)
         self.assertTrue(grown[tuple(self.click)])
-        near = _sphere(self.shape, self.click, 3.0)
+        near = click_refinement.ball(self.shape, self.click, 3.0)
         self.assertFalse((grown & ~near).any())  # nothing beyond the radius
         far = [12, 12, 5]  # the opposite side of the shell stays as it was
         self.assertEqual(out[tuple(far)], self.pred[tuple(far)])
